@@ -1,0 +1,65 @@
+"""Stochastic vector quantization (SVQ) on the unit sphere, as LARP uses it.
+
+Both the input vectors and the codebook rows are l2-normalised; the code is drawn from softmax(cos / tau)
+(multinomial) when sampling, or the argmax (= nearest code on the sphere) when deterministic. The whole quantizer
+runs in fp32 with autocast off. No EMA; kaiming-uniform codebook init.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class QuantizerOutput:
+    """What one quantizer call returns (tensors in fp32)."""
+
+    quantized: torch.Tensor  # (B, N, d) straight-through code vectors: z + sg(q - z), unit norm in value
+    indices: torch.Tensor  # (B, N) int64 code indices
+    commit_loss: torch.Tensor  # mean((sg[q] - z)^2)
+    codebook_loss: torch.Tensor  # mean((q - sg[z])^2)
+
+
+class StochasticVQ(nn.Module):
+    def __init__(self, codebook_size: int, dim: int, temperature: float = 0.03):
+        super().__init__()
+        if codebook_size < 2 or dim < 1:
+            raise ValueError(f"codebook needs >= 2 codes of dim >= 1, got {codebook_size} x {dim}")
+        if temperature <= 0:
+            raise ValueError(f"SVQ temperature must be > 0, got {temperature}")
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.temperature = temperature
+        self.embedding = nn.Embedding(codebook_size, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.embedding.weight)
+
+    def codebook(self) -> torch.Tensor:
+        """The l2-normalised codebook (K, d) in fp32."""
+        return F.normalize(self.embedding.weight.float(), dim=-1)
+
+    def forward(self, z: torch.Tensor, deterministic: bool) -> QuantizerOutput:
+        """z (B, N, d) any float dtype -> QuantizerOutput; sampling unless `deterministic`."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)  # (B, N, d)
+            codebook = self.codebook()  # (K, d)
+            cos = z @ codebook.t()  # (B, N, K)
+            if deterministic:
+                indices = cos.argmax(dim=-1)  # (B, N)
+            else:
+                probs = F.softmax(cos / self.temperature, dim=-1)
+                indices = torch.multinomial(probs.reshape(-1, self.codebook_size), 1).reshape(cos.shape[:-1])
+            q = F.embedding(indices, codebook)  # (B, N, d)
+            commit = F.mse_loss(q.detach(), z)
+            codebook_loss = F.mse_loss(q, z.detach())
+            quantized = z + (q - z).detach()
+        return QuantizerOutput(quantized, indices, commit, codebook_loss)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, N) -> normalised code vectors (B, N, d) in fp32."""
+        return F.embedding(indices, self.codebook())
