@@ -1,0 +1,224 @@
+"""Run a LARP tokenizer (deterministic VQ) over a video dataset and write code shards + manifest.json.
+
+    larp-extract-codes --checkpoint runs/larp --csv data/ucf101_train.csv --out runs/codes/ucf_train --mode chunks
+    larp-extract-codes --checkpoint runs/larp --ucf101 data/UCF-101 --splits-dir data/ucfTrainTestlist \\
+        --split 1 --subset train --out runs/codes/ucf_train --flip --dtype bf16 --batch-size 64
+    torchrun --nproc-per-node 4 -m tokenizer_training.extract_codes --checkpoint runs/larp --csv ... --out ...
+    larp-extract-codes <same arguments> --finalize     # only (re)write manifest.json from the finished shards
+
+Datasets: ``--csv`` (reference format id,path,action,label), ``--ucf101`` (+ official split files), ``--folder``
+(class = sub-folder) or ``--caption-csv`` (path,caption). ``--mode chunks`` codes every non-overlapping clip of each
+video (the chunk index is cached in ``OUT/chunk_index.json``); ``--mode random`` codes one seeded random window per
+video. The clip shape is the tokenizer's (``tok.video_shape``).
+
+Shards: shard ``i`` holds examples ``[i * shard_size, (i + 1) * shard_size)`` of the example list, so the set of
+shards does not depend on the number of processes. Process ``RANK`` of ``WORLD_SIZE`` (set by torchrun; no process
+group is created) writes the shards ``i % WORLD_SIZE == RANK``. Each shard is written atomically and records a run
+key (a hash of the weights, the example list and every setting), so an interrupted run restarted with the same
+arguments skips the shards already written and produces the same files as an uninterrupted run. Whichever process
+finishes last (sees every shard on disk) writes ``manifest.json``; ``--finalize`` does only that step. Unreadable
+videos are skipped and counted (see ``larp_mllm.codes`` for the file format).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
+from larp_mllm.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
+from larp_mllm.data import (ClipDataset, VideoRecord, caption_csv_records, collate_clips, csv_records,
+                            folder_records, ucf101_records)
+
+logger = logging.getLogger("larp-extract-codes")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="LARPTokenizer folder (config.json + model.safetensors)")
+    model.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="random-init preset (tests, demos)")
+    p.add_argument("--preset-seed", type=int, default=0, help="torch seed for --preset weights")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--csv", help="reference-format CSV (id,path,action,label[,caption])")
+    data.add_argument("--ucf101", help="UCF101 video folder (<Class>/v_<Class>_gXX_cYY.avi); needs --splits-dir")
+    data.add_argument("--folder", help="folder of videos, class = sub-folder")
+    data.add_argument("--caption-csv", help="CSV with the columns path,caption")
+    p.add_argument("--root", help="folder that relative CSV paths start from (default: the CSV's folder)")
+    p.add_argument("--splits-dir", help="folder with classInd.txt, trainlist0N.txt, testlist0N.txt")
+    p.add_argument("--split", type=int, default=1)
+    p.add_argument("--subset", choices=["train", "test"], default="train")
+    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--mode", choices=["chunks", "random"], default="chunks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random windows (--mode random)")
+    p.add_argument("--flip", action="store_true", help="also store codes of the horizontally flipped clips")
+    p.add_argument("--no-pad-short", action="store_true", help="skip videos shorter than a clip instead of padding")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--shard-size", type=int, default=2048, help="examples per shard")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (the VQ stays fp32)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--backend", choices=["auto", "av", "decord"], default="auto", help="video decoder")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after writing this many shards (time limits)")
+    p.add_argument("--finalize", action="store_true", help="only write manifest.json (every shard must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace codes of a different run found in --out")
+    args = p.parse_args(argv)
+    if args.ucf101 and not args.splits_dir:
+        p.error("--ucf101 needs --splits-dir")
+    if args.batch_size < 1 or args.shard_size < 1:
+        p.error("--batch-size and --shard-size must be >= 1")
+    return args
+
+
+def load_records(args: argparse.Namespace) -> tuple[list[VideoRecord], str]:
+    """The dataset's records and a one-line description of where they came from."""
+    if args.csv:
+        return csv_records(args.csv, args.root), f"csv:{args.csv}"
+    if args.ucf101:
+        return (ucf101_records(args.ucf101, args.splits_dir, args.split, args.subset),
+                f"ucf101:{args.ucf101} split {args.split} {args.subset}")
+    if args.folder:
+        return folder_records(args.folder), f"folder:{args.folder}"
+    return caption_csv_records(args.caption_csv, args.root), f"caption-csv:{args.caption_csv}"
+
+
+def load_tokenizer(args: argparse.Namespace) -> tuple[LARPTokenizer, str]:
+    if args.checkpoint:
+        return LARPTokenizer.from_pretrained(args.checkpoint), str(Path(args.checkpoint).resolve())
+    torch.manual_seed(args.preset_seed)
+    return LARPTokenizer.from_preset(args.preset), f"preset:{args.preset}:seed{args.preset_seed}"
+
+
+def weights_hash(tok: LARPTokenizer) -> str:
+    """sha256 over every tensor of the state dict (sorted keys): the identity of the encoder + codebook."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tok.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def compute_run_key(tok: LARPTokenizer, ds: ClipDataset, args: argparse.Namespace) -> str:
+    """Hash of everything that decides the shard contents (not the output folder, device or process count)."""
+    examples = ds.chunk_index.entries if ds.chunk_index is not None else list(range(len(ds)))
+    payload = {
+        "weights": weights_hash(tok), "mode": ds.mode, "num_frames": ds.num_frames, "size": ds.size, "seed": ds.seed,
+        "flip": bool(args.flip), "pad_short": ds.pad_short, "shard_size": args.shard_size, "dtype": args.dtype,
+        "videos": [str(r.path) for r in ds.records], "labels": [r.label for r in ds.records], "examples": examples,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def make_manifest(tok: LARPTokenizer, ds: ClipDataset, args: argparse.Namespace, run_key: str, source: str,
+                  checkpoint: str) -> CodeManifest:
+    return CodeManifest(
+        run_key=run_key, codebook_hash=tok.codebook_hash(), num_tokens=tok.num_tokens,
+        codebook_size=tok.codebook_size, larp_checkpoint=checkpoint, dataset=source, mode=ds.mode,
+        num_frames=ds.num_frames, size=ds.size, seed=ds.seed, has_flip=bool(args.flip), shard_size=args.shard_size,
+        num_examples=len(ds), num_index_skipped=ds.num_index_skipped, class_names=ds.class_names,
+        videos=[VideoEntry(str(r.path), r.label, r.class_name, r.caption) for r in ds.records],
+    )
+
+
+def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter, shards: list[int],
+                   args: argparse.Namespace, device: torch.device, rank: int) -> int:
+    """Code the examples of ``shards`` and write each shard as soon as its last batch is done; returns skips."""
+    plan: list[tuple[int, list[int]]] = []  # (shard, example indices of one batch); batches never cross shards
+    for s in shards:
+        start, end = s * args.shard_size, min((s + 1) * args.shard_size, len(ds))
+        plan += [(s, list(range(b, min(b + args.batch_size, end)))) for b in range(start, end, args.batch_size)]
+    loader = DataLoader(ds, batch_sampler=[idx for _, idx in plan], num_workers=args.num_workers,
+                        collate_fn=collate_clips, pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    parts: list[ShardData] = []
+    skipped = total_skipped = 0
+    bar = tqdm(total=sum(len(idx) for _, idx in plan), desc=f"rank {rank} coding", unit="clip", disable=None)
+    for n, ((shard, idx), batch) in enumerate(zip(plan, loader)):
+        skipped += batch.num_skipped
+        if batch.video.shape[0] > 0:
+            video = batch.video.to(device, non_blocking=True)  # (B, 3, T, H, W)
+            with torch.inference_mode(), autocast:
+                codes = tok.tokenize(video, deterministic=True).cpu()  # (B, N)
+                flip = tok.tokenize(video.flip(-1), deterministic=True).cpu() if args.flip else None
+            parts.append(ShardData(codes, batch.label, batch.index, batch.chunk, flip))
+        bar.update(len(idx))
+        if n + 1 == len(plan) or plan[n + 1][0] != shard:  # last batch of this shard
+            n_tok = tok.num_tokens
+            data = ShardData(
+                codes=torch.cat([p.codes for p in parts]) if parts else torch.empty(0, n_tok, dtype=torch.long),
+                labels=torch.cat([p.labels for p in parts]) if parts else torch.empty(0, dtype=torch.long),
+                video_index=torch.cat([p.video_index for p in parts]) if parts else torch.empty(0, dtype=torch.long),
+                chunk=torch.cat([p.chunk for p in parts]) if parts else torch.empty(0, dtype=torch.long),
+                flip_codes=(torch.cat([p.flip_codes for p in parts]) if parts else torch.empty(0, n_tok))
+                if args.flip else None,
+            )
+            start, end = shard * args.shard_size, min((shard + 1) * args.shard_size, len(ds))
+            writer.write(shard, start, end, data, skipped)
+            if skipped:
+                logger.warning("shard %d: skipped %d corrupt/short clips", shard, skipped)
+            total_skipped += skipped
+            parts, skipped = [], 0
+    bar.close()
+    return total_skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    tok, checkpoint = load_tokenizer(args)
+    tok = tok.eval().to(device)
+    _, num_frames, height, width = tok.video_shape
+    if height != width:
+        raise ValueError(f"extraction reads square clips; the tokenizer expects {height}x{width}")
+    out = Path(args.out)
+    records, source = load_records(args)
+    ds = ClipDataset(records, num_frames=num_frames, size=height, mode=args.mode, seed=args.seed, flip=False,
+                     pad_short=not args.no_pad_short, cache_path=out / "chunk_index.json", backend=args.backend)
+    if len(ds) == 0:
+        raise ValueError(f"no readable clips in {source} ({ds.num_index_skipped} videos unreadable or too short)")
+    run_key = compute_run_key(tok, ds, args)
+    num_shards = -(-len(ds) // args.shard_size)
+    writer = CodeShardWriter(out, run_key, num_shards, tok.codebook_hash(), tok.num_tokens, tok.codebook_size,
+                             overwrite=args.overwrite)
+    manifest = make_manifest(tok, ds, args, run_key, source, checkpoint)
+    if args.finalize:
+        print(writer.finalize(manifest))
+        return
+    todo = [s for s in range(num_shards) if s % world == rank and not writer.is_done(s)]
+    done_before = len([s for s in range(num_shards) if s % world == rank]) - len(todo)
+    if args.max_shards is not None:
+        todo = todo[: args.max_shards]
+    logger.info("rank %d/%d: %d examples in %d shards; %d of mine already written, %d to do",
+                rank, world, len(ds), num_shards, done_before, len(todo))
+    skipped = extract_shards(tok, ds, writer, todo, args, device, rank) if todo else 0
+    missing = writer.missing()
+    if missing:
+        logger.info("rank %d done (%d skipped); %d shards still missing: the last process to finish (or --finalize) "
+                    "writes manifest.json", rank, skipped, len(missing))
+        return
+    path = writer.finalize(manifest)
+    logger.info("wrote %s (%d shards, %d examples, %d clips skipped in this process, %d videos left out of the "
+                "index)", path, num_shards, len(ds), skipped, ds.num_index_skipped)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
