@@ -321,6 +321,12 @@ class LARPTokenizer(nn.Module):
         return x.reshape(x.shape[0], c.in_channels, t * pt, h * p, w * p)  # (B, C, T, H, W)
 
     @torch.no_grad()
+    def bottleneck_vectors(self, video: torch.Tensor) -> torch.Tensor:
+        """Video (B, 3, T, H, W) -> the l2-normalised pre-quantization vectors (B*N, d) (for codebook restarts)."""
+        z = self.bottleneck.in_linear(self.encode(video)).float()  # (B, N, d)
+        return torch.nn.functional.normalize(z, dim=-1).reshape(-1, self.codebook_dim)  # (B*N, d)
+
+    @torch.no_grad()
     def tokenize(self, video: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
         """Video (B, 3, T, H, W) float in [0, 1] -> codes int64 (B, N). Sampled from the SVQ when not deterministic."""
         self._check_video(video)
