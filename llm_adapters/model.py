@@ -1,0 +1,354 @@
+"""Extend a Hugging Face causal LM with LARP video tokens (+ LoRA), save/load the bundle, export a merged model.
+
+Export one plain HF checkpoint (LoRA merged, video rows materialised) from a training bundle::
+
+    larp-merge-llm --bundle runs/llm/final --base-model PATH_OR_HUB_ID [--gguf-file F.gguf] --out runs/llm/merged
+    python -m llm_adapters.model --bundle ... --base-model ... --out ...
+
+A bundle folder holds: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft: LoRA and, for the "rows"
+adapter, the trainable token rows), ``video_adapter.safetensors`` (the codebook adapter), the tokenizer with its added
+tokens, ``video_vocab.json`` (the id layout) and ``video_llm.json`` (which adapter, the base model's shape).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .adapter import (
+    HybridEmbedding,
+    hybrid_modules,
+    install_video_adapter,
+    load_video_adapter_state_dict,
+    materialize,
+    resize_for_rows,
+    video_adapter_parameters,
+    video_adapter_state_dict,
+)
+from .prompts import build_prompt_ids
+from .vocab import VOCAB_FILE, VideoVocab
+
+ADAPTERS = ("codebook", "rows")
+LORA_DEFAULTS = MappingProxyType(dict(
+    r=64, lora_alpha=128, lora_dropout=0.05,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+))
+ADAPTER_FILE = "video_adapter.safetensors"
+CONFIG_FILE = "video_llm.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class VideoLLMConfig:
+    """What `from_pretrained` needs besides the base model: the adapter kind and the base's shape."""
+
+    adapter: str
+    lora: bool
+    text_rows: int  # rows of the base model's embedding before extension
+    tie_word_embeddings: bool
+    base_model: str = ""  # name_or_path of the base model (informational)
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+
+
+@dataclass
+class TrainableSummary:
+    """Trainable parameter counts by group."""
+
+    lora: int = 0
+    video_adapter: int = 0  # codebook MLPs, shift/scale, temperature
+    control_rows: int = 0
+    trainable_tokens: int = 0  # peft trainable-token rows ("rows" adapter)
+    other: int = 0  # anything else that trains (should be 0)
+    total: int = 0  # all parameters, trainable or not
+    names: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def trainable(self) -> int:
+        return self.lora + self.video_adapter + self.control_rows + self.trainable_tokens + self.other
+
+    def __str__(self) -> str:
+        return (f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(1, self.total):.2f}%): "
+                f"lora {self.lora:,}, video adapter {self.video_adapter:,}, control rows {self.control_rows:,}, "
+                f"trainable tokens {self.trainable_tokens:,}, other {self.other:,}")
+
+
+def _lora_config(lora: Mapping[str, Any] | Any, **extra: Any) -> Any:
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        config = dataclasses.replace(lora, **extra) if extra else lora
+    else:
+        config = LoraConfig(**{**LORA_DEFAULTS, **dict(lora), **extra})
+    if config.task_type is None:
+        config.task_type = "CAUSAL_LM"
+    return config
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The HF model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class VideoLLM:
+    """An LLM extended with video tokens: `.model` (HF causal LM, peft-wrapped or plain), `.tokenizer`, `.vocab`."""
+
+    model: nn.Module
+    tokenizer: Any
+    vocab: VideoVocab
+    config: VideoLLMConfig
+
+    # ---- introspection -------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> TrainableSummary:
+        """Counts of the parameters that train, by group (LoRA, video adapter, control rows, trainable tokens)."""
+        base = _base_model(self.model)
+        control: set[int] = set()
+        adapter: set[int] = set()
+        if self.config.adapter == "codebook":
+            embed, head = hybrid_modules(base)
+            control = {id(embed.control), id(head.control)}
+            adapter = {id(p) for p in video_adapter_parameters(base)} - control
+        summary = TrainableSummary()
+        for name, p in self.model.named_parameters():
+            summary.total += p.numel()
+            if not p.requires_grad:
+                continue
+            summary.names.append(name)
+            if "lora_" in name:
+                summary.lora += p.numel()
+            elif id(p) in control:
+                summary.control_rows += p.numel()
+            elif id(p) in adapter:
+                summary.video_adapter += p.numel()
+            elif "trainable_tokens_" in name:
+                summary.trainable_tokens += p.numel()
+            else:
+                summary.other += p.numel()
+        return summary
+
+    # ---- persistence ---------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the bundle into `folder`; each file lands atomically, other files in the folder are kept."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
+        try:
+            if self.config.lora or self.config.adapter == "rows":
+                self.model.save_pretrained(tmp, save_embedding_layers=False)
+            if self.config.adapter == "codebook":
+                state = video_adapter_state_dict(_base_model(self.model))
+                state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+                save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "adapter": "codebook"})
+            self.tokenizer.save_pretrained(tmp)
+            self.vocab.save(tmp)
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+            for stale in (*PEFT_FILES, ADAPTER_FILE):  # files of an earlier, different bundle in the same folder
+                if (folder / stale).exists() and not (tmp / stale).exists():
+                    (folder / stale).unlink()
+            written = sorted(p for p in tmp.rglob("*") if p.is_file())
+            for path in sorted(written, key=lambda p: p.name == CONFIG_FILE):  # video_llm.json last
+                target = folder / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        base_model: str | Path | nn.Module,
+        larp_tokenizer: Any = None,
+        gguf_file: str | None = None,
+        dtype: torch.dtype | None = None,
+        is_trainable: bool = False,
+    ) -> "VideoLLM":
+        """Restore a bundle on top of its base model (a path/hub id, or an already loaded, unextended model).
+
+        Raises ValueError when `larp_tokenizer`'s codebook hash differs from the bundle's, or when the base model's
+        shape differs from the one the bundle was made for.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / VOCAB_FILE).is_file():
+            raise FileNotFoundError(f"expected a VideoLLM bundle ({CONFIG_FILE}, {VOCAB_FILE}, ...) in {folder}")
+        vocab = VideoVocab.load(folder)
+        config = VideoLLMConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+        if larp_tokenizer is not None and larp_tokenizer.codebook_hash() != vocab.codebook_hash:
+            raise ValueError(
+                f"LARP codebook mismatch: the bundle {folder} was trained on codebook {vocab.codebook_hash} "
+                f"({vocab.larp_checkpoint or 'unnamed checkpoint'}), the given LARP tokenizer has "
+                f"{larp_tokenizer.codebook_hash()}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        vocab.check_tokenizer(tokenizer)
+        if isinstance(base_model, nn.Module):
+            model = base_model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base_model, gguf_file=gguf_file, dtype=dtype)
+        rows = model.get_input_embeddings().num_embeddings
+        if isinstance(model.get_input_embeddings(), HybridEmbedding) or rows != config.text_rows:
+            raise ValueError(
+                f"base model has {rows} embedding rows (or is already extended); the bundle expects an unextended "
+                f"base with {config.text_rows} rows ({config.base_model or 'unknown base'})"
+            )
+        model.requires_grad_(False)
+        if config.adapter == "codebook":
+            from safetensors.torch import load_file
+
+            state = load_file(str(folder / ADAPTER_FILE))
+            install_video_adapter(model, vocab, state["embed.video.codebook"])
+            load_video_adapter_state_dict(model, state)
+        else:
+            resize_for_rows(model, vocab, mean_resizing=False)
+        if config.lora or config.adapter == "rows":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder, is_trainable=is_trainable)
+        if config.adapter == "codebook":  # after peft, which freezes everything but its own adapters
+            for p in video_adapter_parameters(_base_model(model)):
+                p.requires_grad_(is_trainable)
+        model.eval()
+        return cls(model=model, tokenizer=tokenizer, vocab=vocab, config=config)
+
+
+def extend_llm(
+    model: nn.Module,
+    tokenizer: Any,
+    larp_tokenizer: Any,
+    adapter: str = "codebook",
+    lora: Mapping[str, Any] | Any | None = LORA_DEFAULTS,
+    larp_checkpoint: str | None = None,
+    pad_to_multiple_of: int | None = 64,
+) -> VideoLLM:
+    """Add LARP's codes to an LLM's vocabulary (tokenizer and model are changed in place).
+
+    Args:
+        model: any HF causal LM (fp32/bf16) with an nn.Embedding input embedding and an nn.Linear head.
+        tokenizer: its tokenizer (gets the control, code and filler tokens).
+        larp_tokenizer: provides codebook() (K, d), codebook_hash(), num_tokens, codebook_size.
+        adapter: "codebook" (rows computed from the codebook by trainable MLPs) or "rows" (mean-initialised rows
+            trained through peft's trainable tokens).
+        lora: LoRA options (a dict overriding LORA_DEFAULTS, or a peft LoraConfig); None: no LoRA.
+        larp_checkpoint: identity of the LARP checkpoint recorded in video_vocab.json.
+
+    Before training, the logits of the original vocabulary are unchanged. Trainable: LoRA, the adapter networks and
+    the control rows ("codebook"), or LoRA and the new rows ("rows"); everything else is frozen.
+    """
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+    if hasattr(model, "peft_config") or isinstance(model.get_input_embeddings(), HybridEmbedding):
+        raise ValueError("extend_llm expects a plain HF model (not peft-wrapped, not already extended)")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    text_rows = embed.num_embeddings
+    tied = head is not None and head.weight is embed.weight
+    vocab = VideoVocab.extend_tokenizer(
+        tokenizer, max(text_rows, int(model.config.get_text_config().vocab_size)), larp_tokenizer.codebook_size,
+        larp_tokenizer.num_tokens, larp_tokenizer.codebook_hash(),
+        larp_checkpoint if larp_checkpoint is not None else str(getattr(larp_tokenizer, "name_or_path", "") or ""),
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+    config = VideoLLMConfig(adapter=adapter, lora=lora is not None, text_rows=text_rows, tie_word_embeddings=tied,
+                            base_model=str(getattr(model, "name_or_path", "") or ""))
+    model.requires_grad_(False)
+    if adapter == "codebook":
+        install_video_adapter(model, vocab, larp_tokenizer.codebook())
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config(lora))
+        for p in video_adapter_parameters(_base_model(model)):
+            p.requires_grad_(True)
+    else:
+        from peft import TrainableTokensConfig, get_peft_model
+
+        resize_for_rows(model, vocab, mean_resizing=True)
+        names = [_module_name(model, model.get_input_embeddings())]
+        if not tied and model.get_output_embeddings() is not None:
+            names.append(_module_name(model, model.get_output_embeddings()))
+        if lora is not None:
+            peft_config = _lora_config(lora, trainable_token_indices={n: vocab.new_ids for n in names})
+        else:
+            peft_config = TrainableTokensConfig(token_indices=vocab.new_ids, target_modules=names)
+        model = get_peft_model(model, peft_config)
+    return VideoLLM(model=model, tokenizer=tokenizer, vocab=vocab, config=config)
+
+
+# ---- merge / export -------------------------------------------------------------------------------------------
+def check_inputs(tokenizer: Any, vocab: VideoVocab) -> list[torch.Tensor]:
+    """A fixed batch for logit checks: prompts + a video span + end token, one (1, L) int64 tensor per prompt."""
+    out = []
+    for i, text in enumerate(["a person playing the violin", None]):
+        codes = (torch.arange(vocab.num_video_tokens) * (7 + 2 * i) + i) % vocab.codebook_size  # (N,)
+        ids = build_prompt_ids(tokenizer, vocab, text) + vocab.codes_to_ids(codes).tolist() + [vocab.video_end_id]
+        out.append(torch.tensor([ids]))
+    return out
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batch]
+
+
+def merge_bundle(bundle: str | Path, base_model: str | Path | nn.Module, out: str | Path, gguf_file: str | None = None,
+                 dtype: torch.dtype = torch.float32, atol: float = 1e-4) -> Path:
+    """Load a bundle in fp32, merge LoRA, materialise the video rows, check logits, save a plain HF checkpoint."""
+    video_llm = VideoLLM.from_pretrained(bundle, base_model, gguf_file=gguf_file, dtype=torch.float32)
+    video_llm.model.float().eval()
+    batch = check_inputs(video_llm.tokenizer, video_llm.vocab)
+    reference = _logits(video_llm.model, batch)
+    merged = materialize(video_llm).eval()
+    for want, got in zip(reference, _logits(merged, batch)):
+        diff = (want - got).abs().max().item()
+        if diff > atol * max(1.0, want.abs().max().item()):
+            raise RuntimeError(f"merged logits differ from the unmerged model's by {diff:.3g} (> {atol} relative)")
+    merged.hf_quantizer = None  # a GGUF-loaded base is dequantized: save it as a plain checkpoint
+    for config in (merged.config, merged.config.get_text_config()):
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+    merged.to(dtype)
+    out = Path(out)
+    merged.save_pretrained(out)
+    video_llm.tokenizer.save_pretrained(out)
+    video_llm.vocab.save(out)
+    return out
+
+
+def merge_main(argv: list[str] | None = None) -> None:
+    """`larp-merge-llm`: export a merged, materialised HF checkpoint from a VideoLLM bundle."""
+    parser = argparse.ArgumentParser(description=merge_main.__doc__)
+    parser.add_argument("--bundle", required=True, help="folder written by VideoLLM.save_pretrained")
+    parser.add_argument("--base-model", required=True, help="the base model's folder or hub id")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --base-model (optional)")
+    parser.add_argument("--out", required=True, help="output folder for the merged checkpoint")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    out = merge_bundle(args.bundle, args.base_model, args.out, gguf_file=args.gguf_file,
+                       dtype=getattr(torch, args.dtype))
+    print(f"merged checkpoint written to {out} (logits checked against the unmerged bundle)")
+
+
+if __name__ == "__main__":
+    merge_main()
