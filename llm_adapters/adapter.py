@@ -62,7 +62,7 @@ class CodebookRows(nn.Module):
         self.eps = eps
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        x = self.fc2(F.gelu(self.fc1(vectors)))  # (..., h)
+        x = self.fc2(F.gelu(self.fc1(vectors.to(self.fc1.weight.dtype))))  # (..., h); the codebook buffer may stay fp32
         x = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
         return self.shift + self.scale * x
 

