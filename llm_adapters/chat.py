@@ -7,8 +7,9 @@
     larp-chat --model runs/llm/merged --larp runs/tok/final --prompt "a person surfing a wave"   # merged checkpoint
     python -m llm_adapters.chat --model ... --larp ...            # no prompt: interactive loop (one prompt a line)
 
-`--model` is a VideoLLM bundle (``video_llm.json``; needs the base model, recorded in the bundle or given with
-`--base-model`) or a merged checkpoint (``larp-merge-llm`` output: a plain HF model + ``video_vocab.json``).
+`--model` is a VideoLLM bundle (``video_llm.json``; needs the base model, recorded in the bundle with its GGUF file
+name when it came from one, or given with `--base-model` [`--gguf-file`]) or a merged checkpoint (``larp-merge-llm``
+output: a plain HF model + ``video_vocab.json``).
 `--larp` is a LARP checkpoint folder (default: the one recorded in ``video_vocab.json`` when it is a folder); its
 codebook must be the one the LLM was trained on. Class lists (`--class-id`, `/class K`) come from `--classes`
 (a text file with one name a line, a JSON list, or a code-shard folder with ``manifest.json``) or from
@@ -95,11 +96,14 @@ def load_video_llm(path: str | Path, base_model: str | None = None, gguf_file: s
 
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        if base_model is None:
-            recorded = json.loads((path / CONFIG_FILE).read_text()).get("base_model", "")
-            if not recorded or not Path(recorded).exists():
+        if base_model is None:  # the recorded base (and its GGUF file name, when it came from one)
+            config = json.loads((path / CONFIG_FILE).read_text())
+            recorded, recorded_gguf = config.get("base_model", ""), config.get("gguf_file") or None
+            gguf_file = gguf_file or recorded_gguf
+            source = Path(recorded) / gguf_file if recorded and gguf_file else Path(recorded)
+            if not recorded or not source.exists():
                 raise ValueError(f"{path} is a VideoLLM bundle: give its base model with --base-model "
-                                 f"(recorded: {recorded!r})")
+                                 f"(recorded: {recorded!r}" + (f", GGUF file {gguf_file!r})" if gguf_file else ")"))
             base_model = recorded
         llm = VideoLLM.from_pretrained(path, base_model, gguf_file=gguf_file, dtype=dtype)
     elif (path / VOCAB_FILE).is_file() and (path / "config.json").is_file():

@@ -7,7 +7,8 @@ Export one plain HF checkpoint (LoRA merged, video rows materialised) from a tra
 
 A bundle folder holds: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft: LoRA and, for the "rows"
 adapter, the trainable token rows), ``video_adapter.safetensors`` (the codebook adapter), the tokenizer with its added
-tokens, ``video_vocab.json`` (the id layout) and ``video_llm.json`` (which adapter, the base model's shape).
+tokens, ``video_vocab.json`` (the id layout) and ``video_llm.json`` (which adapter, the base model's shape and name,
+and the GGUF file name when the base came from one: bundles without that field load as before).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class VideoLLMConfig:
     lora: bool
     text_rows: int  # rows of the base model's embedding before extension
     tie_word_embeddings: bool
-    base_model: str = ""  # name_or_path of the base model (informational)
+    base_model: str = ""  # name_or_path of the base model (default base when loading the bundle from a script)
+    gguf_file: str | None = None  # GGUF file name inside base_model when the base was loaded from one (else None)
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -185,6 +187,9 @@ class VideoLLM:
     ) -> "VideoLLM":
         """Restore a bundle on top of its base model (a path/hub id, or an already loaded, unextended model).
 
+        `gguf_file` None: the GGUF file name recorded in the bundle (``video_llm.json``) is used when `base_model` is
+        the recorded base or a folder holding that file (see `recorded_gguf_file`).
+
         Raises ValueError when `larp_tokenizer`'s codebook hash differs from the bundle's, or when the base model's
         shape differs from the one the bundle was made for.
         """
@@ -206,6 +211,8 @@ class VideoLLM:
         if isinstance(base_model, nn.Module):
             model = base_model
         else:
+            if gguf_file is None:
+                gguf_file = recorded_gguf_file(config, base_model)
             model = AutoModelForCausalLM.from_pretrained(base_model, gguf_file=gguf_file, dtype=dtype)
         rows = model.get_input_embeddings().num_embeddings
         if isinstance(model.get_input_embeddings(), HybridEmbedding) or rows != config.text_rows:
@@ -233,6 +240,19 @@ class VideoLLM:
         return cls(model=model, tokenizer=tokenizer, vocab=vocab, config=config)
 
 
+def recorded_gguf_file(config: VideoLLMConfig, base_model: str | Path) -> str | None:
+    """The bundle's recorded GGUF file name when it applies to `base_model`, else None.
+
+    It applies when `base_model` is the recorded base model, or a folder that holds a file of that name; another base
+    (e.g. an HF folder given instead of the recorded GGUF) loads without it.
+    """
+    if not config.gguf_file:
+        return None
+    if str(base_model) == config.base_model or (Path(base_model) / config.gguf_file).is_file():
+        return config.gguf_file
+    return None
+
+
 def extend_llm(
     model: nn.Module,
     tokenizer: Any,
@@ -241,6 +261,7 @@ def extend_llm(
     lora: Mapping[str, Any] | Any | None = LORA_DEFAULTS,
     larp_checkpoint: str | None = None,
     pad_to_multiple_of: int | None = 64,
+    gguf_file: str | None = None,
 ) -> VideoLLM:
     """Add LARP's codes to an LLM's vocabulary (tokenizer and model are changed in place).
 
@@ -252,6 +273,8 @@ def extend_llm(
             trained through peft's trainable tokens).
         lora: LoRA options (a dict overriding LORA_DEFAULTS, or a peft LoraConfig); None: no LoRA.
         larp_checkpoint: identity of the LARP checkpoint recorded in video_vocab.json.
+        gguf_file: the GGUF file name inside the base model's folder when `model` was loaded from one; recorded in
+            video_llm.json so the bundle reloads its base without being told the file again.
 
     Before training, the logits of the original vocabulary are unchanged. Trainable: LoRA, the adapter networks and
     the control rows ("codebook"), or LoRA and the new rows ("rows"); everything else is frozen.
@@ -270,7 +293,7 @@ def extend_llm(
         pad_to_multiple_of=pad_to_multiple_of,
     )
     config = VideoLLMConfig(adapter=adapter, lora=lora is not None, text_rows=text_rows, tie_word_embeddings=tied,
-                            base_model=str(getattr(model, "name_or_path", "") or ""))
+                            base_model=str(getattr(model, "name_or_path", "") or ""), gguf_file=gguf_file or None)
     model.requires_grad_(False)
     if adapter == "codebook":
         install_video_adapter(model, vocab, larp_tokenizer.codebook())

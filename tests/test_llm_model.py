@@ -8,7 +8,15 @@ import torch
 from llm_fixtures import chat_ids, larp_tiny, perturb_, smollm2, smollm2_dir, tiny_llm, tiny_llm_dir, video_batch
 
 from llm_adapters.adapter import hybrid_modules
-from llm_adapters.model import LORA_DEFAULTS, VideoLLM, check_inputs, extend_llm, merge_main
+from llm_adapters.model import (
+    LORA_DEFAULTS,
+    VideoLLM,
+    VideoLLMConfig,
+    check_inputs,
+    extend_llm,
+    merge_main,
+    recorded_gguf_file,
+)
 from llm_adapters.vocab import VideoVocab
 
 VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
@@ -132,6 +140,27 @@ def test_loading_against_another_codebook_names_both_hashes(larp, tmp_path):
     assert larp.codebook_hash() in str(err.value) and other.codebook_hash() in str(err.value)
     assert "larp-tiny@seed0" in str(err.value)
     assert json.loads((tmp_path / "video_vocab.json").read_text())["larp_checkpoint"] == "larp-tiny@seed0"
+
+
+def test_gguf_file_is_recorded_and_old_bundles_still_load(larp, tmp_path):
+    base = tiny_llm_dir("llama", False)
+    model, tokenizer = tiny_llm("llama", False)
+    video_llm = extend_llm(model, tokenizer, larp, lora=None, gguf_file="base.Q4.gguf")
+    video_llm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "video_llm.json").read_text())
+    assert config["gguf_file"] == "base.Q4.gguf"
+    # the recorded name applies to the recorded base or a folder holding that file, not to another (HF) base
+    recorded = VideoLLMConfig(**{**config, "base_model": "/models/smol"})
+    assert recorded_gguf_file(recorded, "/models/smol") == "base.Q4.gguf"
+    assert recorded_gguf_file(recorded, base) is None
+    (tmp_path / "gguf_folder").mkdir()
+    (tmp_path / "gguf_folder" / "base.Q4.gguf").write_bytes(b"")
+    assert recorded_gguf_file(recorded, tmp_path / "gguf_folder") == "base.Q4.gguf"
+    assert VideoLLM.from_pretrained(tmp_path, base_model=base).config.gguf_file == "base.Q4.gguf"
+    del config["gguf_file"]  # a bundle written before the field existed
+    (tmp_path / "video_llm.json").write_text(json.dumps(config))
+    assert VideoLLM.from_pretrained(tmp_path, base_model=base).config.gguf_file is None
+    assert extend_llm(*tiny_llm("llama", False), larp, lora=None).config.gguf_file is None
 
 
 def test_bad_inputs_fail_clearly(larp, tmp_path):

