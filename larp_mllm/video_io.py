@@ -299,6 +299,19 @@ def _to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
     return out.numpy()
 
 
+def _aligned(array: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """A C-contiguous copy whose data starts on an `alignment`-byte boundary.
+
+    FFmpeg's RGB -> YUV conversion takes a SIMD path only for aligned input and rounds differently otherwise, so
+    without this the same frames would encode to different files depending on where numpy put them.
+    """
+    buf = np.empty(array.nbytes + alignment, dtype=np.uint8)
+    start = (-buf.ctypes.data) % alignment
+    out = buf[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
@@ -340,6 +353,7 @@ def _write_av(array: np.ndarray, path: Path, fps: float, crf: int, fmt: str, cod
 
     t, h, w, _ = array.shape
     array = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # yuv420p needs even sizes
+    array = _aligned(array)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)

@@ -189,3 +189,24 @@ def test_core_modules_import_without_decord():
             "import larp_mllm.video_io, larp_mllm.data, larp_mllm.codes, larp_mllm.synthetic\n"
             "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_mp4_bytes_do_not_depend_on_array_alignment(tmp_path):
+    """FFmpeg converts aligned and unaligned RGB differently; write_video must hide that (reproducible files)."""
+    import hashlib
+
+    import numpy as np
+
+    from larp_mllm.video_io import _write_av
+
+    frames = (torch.rand(8, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    digests = set()
+    for offset in (0, 1, 8, 16):
+        buf = np.empty(frames.nbytes + 64, dtype=np.uint8)
+        start = (-buf.ctypes.data) % 64 + offset
+        shifted = buf[start:start + frames.nbytes].reshape(frames.shape)
+        shifted[...] = frames
+        path = tmp_path / f"a{offset}.mp4"
+        _write_av(shifted, path, 8, 18, "mp4", "libx264", "yuv420p")
+        digests.add(hashlib.md5(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
