@@ -1,0 +1,158 @@
+"""The whole pipeline on an embedded default, as `make demo` runs it (CPU minutes; a GPU is used when present).
+
+    python -m larp_mllm.demo --out runs/demo
+
+Stages (each is a real command a user would run; a stage whose output exists is reused on the next run):
+  1. a synthetic labelled video set (coloured shapes moving in a direction)   python -m larp_mllm.synthetic
+  2. a tiny LARP tokenizer trained under DeepSpeed (ZeRO-2)                   python -m tokenizer_training.train
+  3. codes of every training clip                                            python -m tokenizer_training.extract_codes
+  4. SmolLM2-135M-Instruct extended with the codes and LoRA-trained under DeepSpeed   python -m llm_adapters.train
+  5. videos generated for every class through the chat REPL                  python -m llm_adapters.chat
+  6. runs/demo/report.md: curves, real / reconstructed / generated grids, PSNR, class accuracy, FVD
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = 4
+TRAIN_PER_CLASS = 24
+VAL_PER_CLASS = 6
+
+
+def banner(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+def run(cmd: list[str], log: Path, stdin: str | None = None) -> None:
+    """Run one stage's command, streaming its output to the console and a log file; stop the demo on failure."""
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+        if stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        for line in proc.stdout:
+            fh.write(line)
+            if "\r" not in line:  # keep tqdm redraws out of the console echo
+                sys.stdout.write("  " + line)
+        rc = proc.wait()
+    if rc:
+        raise SystemExit(f"stage failed (exit {rc}); see {log}")
+
+
+def stage_done(marker: Path, what: str) -> bool:
+    if marker.exists():
+        print(f"(reusing {what}: {marker})", flush=True)
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo", help="run folder (reused by a second run)")
+    ap.add_argument("--tokenizer-steps", type=int, default=1200)
+    ap.add_argument("--llm-steps", type=int, default=150)
+    ap.add_argument("--samples-per-class", type=int, default=4)
+    args = ap.parse_args(argv)
+
+    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn) -> None:
+        t0 = time.time()
+        fn()
+        timings[name] = time.time() - t0
+
+    data = out / "data"
+    tok_run, codes, llm_run, gen = out / "tokenizer", out / "codes", out / "llm", out / "generated"
+    tok_final = tok_run / "final"
+
+    banner(f"1/6 synthetic labelled video set: {CLASSES} classes, {TRAIN_PER_CLASS} train + {VAL_PER_CLASS} "
+           "held-out clips per class")
+
+    def make_data() -> None:
+        for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
+            if not stage_done(data / split / "synthetic.csv", f"{split} set"):
+                run([py, "-m", "larp_mllm.synthetic", "--out", str(data / split), "--classes", str(CLASSES),
+                     "--per-class", str(per_class), "--seed", str(seed), "--frames", "16", "--size", "64"],
+                    logs / f"synthetic_{split}.log")
+
+    timed("data", make_data)
+    train_csv = next((data / "train").glob("*.csv"))
+    val_csv = next((data / "val").glob("*.csv"))
+
+    banner("2/6 training a tiny LARP tokenizer under DeepSpeed (ZeRO-2, CPU unless a GPU is present)")
+
+    def train_tokenizer() -> None:
+        if stage_done(tok_final / "model.safetensors", "trained tokenizer"):
+            return
+        run([py, "-m", "tokenizer_training.train", "--config", "configs/tokenizer/larp_tiny_cpu.yaml",
+             "--deepspeed", "configs/deepspeed/zero2.json", "--output_dir", str(tok_run),
+             "--train_data", str(train_csv), "--val_data", str(val_csv), "--max_steps", str(args.tokenizer_steps),
+             "--resume", "auto"], logs / "tokenizer.log")
+
+    timed("tokenizer", train_tokenizer)
+
+    banner("3/6 extracting the codes of every training clip (8-frame chunks, plus flipped twins)")
+
+    def extract() -> None:
+        if stage_done(codes / "train" / "manifest.json", "codes"):
+            return
+        run([py, "-m", "tokenizer_training.extract_codes", "--checkpoint", str(tok_final), "--csv", str(train_csv),
+             "--out", str(codes / "train"), "--mode", "chunks", "--flip", "--num-workers", "0", "--batch-size", "32"],
+            logs / "extract.log")
+
+    timed("extract", extract)
+
+    banner("4/6 extending SmolLM2-135M-Instruct with the LARP codes and LoRA-training it under DeepSpeed (ZeRO-2)")
+
+    def train_llm() -> None:
+        if stage_done(llm_run / "video_vocab.json", "trained LLM bundle"):
+            return
+        run([py, "-m", "llm_adapters.train", "--config", "configs/llm/tiny_cpu.yaml",
+             "--deepspeed", "configs/deepspeed/zero2.json", "--larp_tokenizer", str(tok_final),
+             "--code_dir", str(codes / "train"), "--output_dir", str(llm_run), "--max_steps", str(args.llm_steps)],
+            logs / "llm.log")
+
+    timed("llm", train_llm)
+
+    banner(f"5/6 generating {args.samples_per_class} videos per class with larp-chat (REPL driven through stdin)")
+    class_names = json.loads((codes / "train" / "manifest.json").read_text())["class_names"]
+
+    def generate() -> None:
+        if stage_done(gen / "done", "generated videos"):
+            return
+        script = f"/samples {args.samples_per_class}\n" + "".join(f"/class {c}\n" for c in class_names) + "/quit\n"
+        run([py, "-m", "llm_adapters.chat", "--model", str(llm_run), "--larp", str(tok_final),
+             "--classes", str(codes / "train"), "--out-dir", str(gen), "--formats", "mp4,gif,png,codes",
+             "--cfg-scale", "1.5", "--seed", "0"], logs / "chat.log", stdin=script)
+        (gen / "done").write_text("ok\n")
+
+    timed("generate", generate)
+
+    banner("6/6 writing the report (reconstruction PSNR, class accuracy, FVD, curves, grids)")
+    from .demo_report import write_report
+
+    t0 = time.time()
+    report = write_report(out, train_csv=train_csv, val_csv=val_csv, tokenizer=tok_final, codes=codes / "train",
+                          generated=gen, class_names=class_names, timings=timings)
+    timings["report"] = time.time() - t0
+    print(f"\nreport: {report}\ntotal {time.time() - t_start:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

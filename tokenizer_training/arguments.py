@@ -1,0 +1,319 @@
+"""Configuration of `larp-train-tokenizer`: dataclasses parsed by `transformers.HfArgumentParser` from a YAML file
+plus command-line overrides.
+
+    larp-train-tokenizer --config configs/tokenizer/larp_tiny_cpu.yaml --lr 3e-4 --max_steps 200
+
+The YAML is flat: every key is the name of one field below (the YAML maps 1:1 onto the dataclasses). Unknown or
+misspelled keys, in the YAML or on the command line, are rejected with the list of valid ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = [
+    "ModelArguments", "DataArguments", "LossArguments", "TrainArguments", "TrainConfig", "parse_config",
+    "batch_layout", "deepspeed_config",
+]
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArguments:
+    """Tokenizer and discriminator architecture."""
+
+    preset: str = _f("larp-tiny", "tokenizer preset (a key of larp_mllm.TOKENIZER_PRESETS)")
+    init_from: Optional[str] = _f(None, "start from this LARPTokenizer folder instead of a random init")
+    gradient_checkpointing: bool = _f(False, "recompute encoder/decoder blocks in backward (saves memory)")
+    disc_dim: int = _f(512, "discriminator width (reference reproduce script: 512)")
+    disc_depth: int = _f(12, "discriminator blocks (reference: 12)")
+    disc_heads: int = _f(8, "discriminator attention heads (reference: 8)")
+
+
+@dataclass
+class DataArguments:
+    """Where the clips come from. `train_data` is a reference-format CSV (id,path,action,label), a folder of videos
+    (one subfolder per class), or 'synthetic' (a small generated set, written under output_dir)."""
+
+    train_data: str = _f("synthetic", "CSV file(s) or video folder(s), comma-separated, or 'synthetic'")
+    val_data: Optional[str] = _f(None, "CSV/folder for validation; None -> held-out synthetic set or no validation")
+    data_root: Optional[str] = _f(None, "root the CSV paths are relative to (default: the CSV's folder)")
+    num_frames: Optional[int] = _f(None, "frames per clip (default: the preset's frame_num)")
+    size: Optional[int] = _f(None, "clip height = width (default: the preset's input_size)")
+    flip: bool = _f(True, "random horizontal flip of training clips (reference: on)")
+    num_workers: int = _f(0, "DataLoader workers per process")
+    synthetic_classes: int = _f(4, "synthetic set: number of motion classes")
+    synthetic_per_class: int = _f(16, "synthetic set: clips per class (train); val uses a quarter, other seed")
+    val_batches: int = _f(2, "validation batches (per process) for PSNR/SSIM/perceptual")
+
+
+@dataclass
+class LossArguments:
+    """L = l1 * |x - x^| + perceptual * LPIPS + gan * L_G + vq * loss_q + prior * L_prior (larp-spec 3.1)."""
+
+    l1_weight: float = _f(1.0, "L1 reconstruction weight")
+    perceptual_weight: float = _f(1.0, "perceptual (LPIPS) weight")
+    perceptual_backend: str = _f("stlpips", "'stlpips' (weights ship with stlpips-pytorch), 'lpips-vgg', 'none'",
+                                 choices=["stlpips", "lpips-vgg", "none"])
+    perceptual_weights: Optional[str] = _f(None, "lpips-vgg: path to the user's VGG16+LPIPS weights file")
+    gan_weight: float = _f(0.3, "fixed generator GAN weight (reference: 0.3, not adaptive); 0 disables the GAN")
+    gan_label_noise: float = _f(0.15, "'ns_smooth' label noise scale: targets 1-|N(0,1)|*s (>=0.7), |N|*s (<=0.3)")
+    lecam_weight: float = _f(0.001, "LeCam regularizer weight (intended value)")
+    lecam_ema_decay: float = _f(0.999, "EMA decay of the mean real/fake D logits for LeCam")
+    lecam_reference_double_weight: bool = _f(False, "reproduce the reference bug: weight applied twice (1e-6)")
+    vq_weight: float = _f(0.1, "weight of loss_q = 0.25*commit + 1.0*codebook")
+    prior_weight: float = _f(0.06, "weight of the prior CE; 0 trains without the prior (its params frozen)")
+
+
+@dataclass
+class TrainArguments:
+    """Optimisation, precision, schedule, checkpoints and logging."""
+
+    output_dir: str = _f("runs/tokenizer", "run folder: checkpoints/, tensorboard/, samples/, final/")
+    seed: int = _f(66667, "seed; each process adds its rank for its sampling RNGs (reference: 66667 + rank)")
+    max_steps: Optional[int] = _f(None, "optimizer steps; None -> epochs * steps_per_epoch")
+    epochs: float = _f(1.0, "epochs (used when max_steps is None)")
+    global_batch_size: int = _f(8, "clips per optimizer step over all processes (reference: 128)")
+    micro_batch_size: Optional[int] = _f(None, "clips per process per forward; None -> global / world (no accum)")
+    lr: float = _f(1e-4, "generator peak learning rate")
+    disc_lr: float = _f(3e-5, "discriminator peak learning rate")
+    adam_beta1: float = _f(0.5, "Adam beta1 (reference: 0.5)")
+    adam_beta2: float = _f(0.9, "Adam beta2 (reference: 0.9)")
+    warmup_steps: Optional[int] = _f(None, "warmup steps; None -> warmup_epochs * steps_per_epoch")
+    warmup_epochs: float = _f(0.0, "warmup length in epochs (reference: 8)")
+    min_lr_mult: float = _f(0.01, "warmup starts and cosine ends at min_lr_mult * lr")
+    prior_lr_mult: float = _f(1.0, "prior lr = lr * this (1.0 = the reference's effective behaviour)")
+    disc_every: int = _f(5, "one discriminator step every k optimizer steps (reference: 5); 0 disables the GAN")
+    disc_start: int = _f(0, "first step of the GAN (D updates and the G adversarial term)")
+    ss_peak_frac: float = _f(0.3, "scheduled-sampling ratio ramps 0 -> ss_max_ratio over this fraction of steps")
+    ss_max_ratio: float = _f(0.5, "final scheduled-sampling ratio of the prior")
+    precision: str = _f("fp32", "'fp32', 'bf16', or 'fp16' (GPU only; dynamic loss scaling)",
+                        choices=["fp32", "bf16", "fp16"])
+    grad_clip: float = _f(0.0, "max global grad norm; 0 = no clipping (reference)")
+    compile: bool = _f(False, "torch.compile the tokenizer and discriminator (DeepSpeed engine.compile)")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON; 'auto' fields are filled from this config")
+    zero_stage: Optional[int] = _f(None, "override the JSON's ZeRO stage (0, 1 or 2)")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'", choices=["auto", "cpu", "cuda"])
+    checkpoint_every: int = _f(1000, "write a resumable checkpoint every N steps (and at the end)")
+    keep_last: int = _f(3, "keep the last K checkpoints")
+    resume: Optional[str] = _f(None, "'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder")
+    log_every: int = _f(10, "console/TensorBoard scalars every N steps")
+    val_every: int = _f(0, "validation (PSNR/SSIM/perceptual) + reconstruction videos every N steps; 0 = end only")
+    max_bad_steps: int = _f(20, "abort (after a checkpoint) when more than this many non-finite losses were skipped")
+    local_rank: int = _f(-1, "set by the deepspeed launcher; the LOCAL_RANK environment variable wins")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArguments
+    data: DataArguments
+    loss: LossArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict:
+        """Flat {field: value} (the YAML layout)."""
+        out: dict = {}
+        for part in (self.model, self.data, self.loss, self.train):
+            out.update(dataclasses.asdict(part))
+        return out
+
+
+_GROUPS = (ModelArguments, DataArguments, LossArguments, TrainArguments)
+
+
+def valid_keys() -> list[str]:
+    return sorted(f.name for g in _GROUPS for f in dataclasses.fields(g))
+
+
+def _reject(unknown: list[str], where: str) -> None:
+    valid = valid_keys()
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"unknown config key(s) in {where}: {', '.join(hints)}. Valid keys: {', '.join(valid)}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a flat YAML config and check its keys."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path} (expected a flat YAML of training fields)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(valid_keys()))
+    if unknown:
+        _reject(unknown, str(path))
+    return data
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """`--config file.yaml` (optional) then `--field value` overrides -> a checked TrainConfig."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(_GROUPS, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description=__doc__ + "\n--config FILE: flat YAML of the fields below (CLI overrides)")
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config))
+    rest = [a.replace("--local-rank", "--local_rank") for a in rest]  # torch.distributed.launch spelling
+    try:
+        model, data, loss, train, remaining = parser.parse_args_into_dataclasses(
+            args=rest, return_remaining_strings=True
+        )
+    except SystemExit as exc:  # argparse type errors exit; turn them into one ValueError
+        if exc.code == 0:
+            raise
+        raise ValueError(f"could not parse the arguments {rest}; see the message above") from None
+    if remaining:
+        _reject([a.split("=")[0].lstrip("-") for a in remaining if a.startswith("-")] or remaining, "the command line")
+    cfg = TrainConfig(model, data, loss, train)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Value checks that need no data or processes (one clear ValueError)."""
+    from larp_mllm import TOKENIZER_PRESETS
+
+    t, lo = cfg.train, cfg.loss
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"config: {msg}")
+
+    need(cfg.model.preset in TOKENIZER_PRESETS,
+         f"preset must be one of {sorted(TOKENIZER_PRESETS)}, got {cfg.model.preset!r}")
+    need(t.global_batch_size >= 1, f"global_batch_size must be >= 1, got {t.global_batch_size}")
+    need(t.micro_batch_size is None or t.micro_batch_size >= 1, "micro_batch_size must be >= 1")
+    need(t.max_steps is None or t.max_steps >= 1, f"max_steps must be >= 1, got {t.max_steps}")
+    need(t.epochs > 0, f"epochs must be > 0, got {t.epochs}")
+    need(t.lr > 0 and t.disc_lr > 0, "lr and disc_lr must be > 0")
+    need(0 <= t.min_lr_mult <= 1, f"min_lr_mult must be in [0, 1], got {t.min_lr_mult}")
+    need(t.prior_lr_mult > 0, f"prior_lr_mult must be > 0, got {t.prior_lr_mult}")
+    need(t.zero_stage in (None, 0, 1, 2), f"zero_stage must be 0, 1 or 2 (ZeRO-3 is not supported), got {t.zero_stage}")
+    need(t.checkpoint_every >= 1 and t.keep_last >= 1, "checkpoint_every and keep_last must be >= 1")
+    need(t.grad_clip >= 0, f"grad_clip must be >= 0, got {t.grad_clip}")
+    need(0 <= lo.lecam_ema_decay < 1, "lecam_ema_decay must be in [0, 1)")
+    need(t.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    need(t.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {t.device!r}")
+    need(lo.perceptual_backend in ("stlpips", "lpips-vgg", "none"),
+         f"perceptual_backend must be stlpips, lpips-vgg or none, got {lo.perceptual_backend!r}")
+    need(lo.perceptual_backend != "lpips-vgg" or lo.perceptual_weights is not None,
+         "perceptual_backend 'lpips-vgg' needs perceptual_weights (a path to the user's LPIPS-VGG weights)")
+    need(min(lo.l1_weight, lo.perceptual_weight, lo.gan_weight, lo.lecam_weight, lo.vq_weight, lo.prior_weight) >= 0,
+         "loss weights must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSpeed configuration
+# ----------------------------------------------------------------------------------------------------------------------
+DEFAULT_DEEPSPEED: dict = {  # used when no --deepspeed JSON is given (= configs/deepspeed/zero2.json)
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "torch_autocast": {"enabled": "auto", "dtype": "auto"},
+    "zero_optimization": {"stage": 2, "overlap_comm": "auto", "contiguous_gradients": True,
+                          "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000},
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+}
+
+
+@dataclass
+class BatchLayout:
+    """How the global batch is split: global = micro * grad_accum * world."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+
+
+def batch_layout(train: TrainArguments, world: int) -> BatchLayout:
+    g = train.global_batch_size
+    micro = train.micro_batch_size or (g // world)
+    if micro < 1 or g % (micro * world):
+        raise ValueError(f"global_batch_size {g} must be a multiple of micro_batch_size {micro} x {world} processes")
+    return BatchLayout(g, micro, g // (micro * world), world)
+
+
+def deepspeed_config(cfg: TrainConfig, layout: BatchLayout, on_gpu: bool) -> dict:
+    """Load the JSON (or the built-in ZeRO-2 default) and fill every "auto" field from the training config."""
+    import copy
+
+    t = cfg.train
+    if t.deepspeed:
+        path = Path(t.deepspeed)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {path} (expected a JSON such as "
+                                    f"configs/deepspeed/zero2.json)")
+        ds = json.loads(path.read_text())
+    else:
+        ds = copy.deepcopy(DEFAULT_DEEPSPEED)
+    if t.precision == "fp16" and not on_gpu:
+        raise ValueError("precision fp16 needs a GPU (DeepSpeed's fp16 loss scaling is GPU-only); use bf16 or fp32")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{t.deepspeed}: remove 'optimizer'/'scheduler'; the trainer builds Adam (betas from the "
+                         f"YAML) and sets the learning rate itself from the warmup+cosine schedule")
+    fill = {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(f"DeepSpeed config sets {key}={ds[key]} but the training config implies {value}; "
+                             f"set it to \"auto\"")
+    for name in ("bf16", "fp16"):  # DeepSpeed's pure low-precision modes would cast the fp32 SVQ/prior islands
+        if ds.get(name, {}).get("enabled", False) not in (False, "auto"):
+            raise ValueError(f"DeepSpeed config enables {name!r}; set precision: bf16/fp16 in the training config "
+                             f"instead (mixed precision through the \"torch_autocast\" section)")
+        ds.pop(name, None)
+    amp = ds.setdefault("torch_autocast", {})
+    if amp.get("enabled", "auto") == "auto":
+        amp["enabled"] = t.precision != "fp32"
+    if amp.get("dtype", "auto") == "auto":
+        amp["dtype"] = {"fp16": "float16"}.get(t.precision, "bfloat16")
+    if amp["enabled"] != (t.precision != "fp32"):
+        raise ValueError(f"DeepSpeed config has torch_autocast.enabled={amp['enabled']} but precision={t.precision}")
+    zero = ds.setdefault("zero_optimization", {})
+    if t.zero_stage is not None:
+        zero["stage"] = t.zero_stage
+    elif zero.get("stage", "auto") == "auto":
+        zero["stage"] = 2
+    if zero["stage"] not in (0, 1, 2):
+        raise ValueError(f"ZeRO stage {zero['stage']} is not supported (0, 1 or 2)")
+    if zero.get("overlap_comm", "auto") == "auto":
+        zero["overlap_comm"] = on_gpu
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f"DeepSpeed config: cannot fill \"auto\" for {leftover}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

@@ -1,0 +1,222 @@
+"""Resumable training state: atomic checkpoint folders, RNG states, and a sampler that knows its data position.
+
+Layout of one checkpoint (all processes write into a temporary folder that rank 0 renames when complete, so a
+folder named `step_XXXXXXXX` is always whole; a run killed mid-write leaves only a `.tmp-*` folder, removed later):
+
+    <output_dir>/checkpoints/step_00001000/
+        generator/ds/...          DeepSpeed engine state of the tokenizer (weights, optimizer, ZeRO partitions)
+        discriminator/ds/...      the same for the discriminator
+        rng/rank_00000.json       per-process python / numpy / torch (/ cuda) RNG states
+        trainer_state.json        step, epoch, data position, skipped steps, LeCam EMAs, the run config
+        model/                    the tokenizer in fp32 (LARPTokenizer.save_pretrained): loads with from_pretrained
+
+Only the last `keep_last` checkpoints are kept. No pickles of our own: RNG states and the trainer state are JSON
+(the engine folders are DeepSpeed's own format, read back by DeepSpeed). On several nodes, `output_dir` must be on
+a filesystem that all nodes share (as DeepSpeed's own checkpointing assumes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TrainerState", "ResumableSampler", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+    "list_checkpoints", "remove_partial_checkpoints", "get_rng_state", "set_rng_state",
+]
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test hook: kill this process with SIGKILL in the middle of writing the checkpoint of this step.
+KILL_HOOK_ENV = "LARP_TEST_SIGKILL_DURING_CHECKPOINT"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the engines and RNGs that resuming needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
+    bad_steps: int = 0  # micro-batches skipped for a non-finite loss
+    lecam_real: float = 0.0  # LeCam EMAs (identical on all processes: fed with all-reduced means)
+    lecam_fake: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RNG states (JSON, no pickles)
+# ----------------------------------------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    out = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state().tolist()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data position
+# ----------------------------------------------------------------------------------------------------------------------
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler-like: epoch-seeded permutation, process `rank` takes every `world`-th index (the tail is
+    dropped so all processes see the same number), starting at micro-batch `start_batch` of the epoch."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        if num_items < batch_size * world:
+            raise ValueError(f"dataset of {num_items} clips is smaller than one batch of {batch_size} x {world} "
+                             f"processes")
+        self.num_items, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.world // self.batch_size
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        per_rank = self.batches_per_epoch * self.batch_size
+        mine = order[self.rank::self.world][:per_rank]
+        return iter(mine[self.start_batch * self.batch_size:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------------------------------
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial_checkpoints(root: str | Path) -> list[Path]:
+    """Delete `.tmp-*` folders left by a run killed while writing (call on one process only)."""
+    root = Path(root)
+    removed = [p for p in root.glob(".tmp-*")] if root.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def save_checkpoint(
+    root: str | Path,
+    state: TrainerState,
+    engines: dict,
+    export_model: Callable[[Path], None],
+    keep_last: int,
+    rank: int,
+    barrier: Callable[[], None],
+) -> Path:
+    """Write checkpoint `root/step_{state.step}` atomically; collective (every process calls it).
+
+    engines: {"generator": engine, "discriminator": engine} (DeepSpeed engines or None);
+    export_model(folder): writes the fp32 tokenizer (collective; rank 0 writes the files).
+    """
+    root = Path(root)
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f".tmp-step_{state.step:08d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    for name, engine in engines.items():
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / name), tag="ds", save_latest=False)
+    if os.environ.get(KILL_HOOK_ENV) == str(state.step):
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half written
+    (tmp / "rng").mkdir(exist_ok=True)
+    _write_atomic(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(get_rng_state()))
+    export_model(tmp / "model")
+    barrier()
+    if rank == 0:
+        _write_atomic(tmp / "trainer_state.json", state.to_json())
+        if final.exists():  # re-running the same step after a resume: replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, engines: dict, rank: int) -> TrainerState:
+    """Restore the engines, this process's RNG states and the trainer state from a checkpoint folder."""
+    path = Path(path)
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json); expected a "
+                                f"folder step_XXXXXXXX written by larp-train-tokenizer")
+    for name, engine in engines.items():
+        if engine is None:
+            continue
+        loaded, _ = engine.load_checkpoint(str(path / name), tag="ds", load_optimizer_states=True,
+                                           load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise FileNotFoundError(f"could not load the {name} engine state from {path / name}")
+    rng_file = path / "rng" / f"rank_{rank:05d}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    else:  # resumed on more processes than wrote the checkpoint: continues, but not bit-exactly
+        warnings.warn(f"{rng_file} missing (checkpoint written by fewer processes); this process keeps its own seed")
+    return TrainerState.from_json(state_file.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
