@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quantizer import safe_probs
+
 # (layers, width, heads) of the reference's sizes, plus a CPU-size one for tests and demos.
 PRIOR_PRESETS: dict[str, tuple[int, int, int]] = {
     "gptc-B": (12, 768, 12),
@@ -134,7 +136,7 @@ def prior_loss(
             first_logits = logits
         if round_idx < n_rounds - 1:
             with torch.autocast(device_type=vectors.device.type, enabled=False):
-                probs = F.softmax(logits.detach().float(), dim=-1)
+                probs = safe_probs(F.softmax(logits.detach().float(), dim=-1))
                 sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(b, n - 1)
             mixed = torch.where(mask, F.embedding(sampled, codebook).to(vectors.dtype), vectors[:, 1:])
             inputs = torch.cat([vectors[:, :1], mixed], dim=1)  # (B, N, d)

@@ -23,6 +23,13 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # mean((q - sg[z])^2)
 
 
+def safe_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Rows with NaN/inf become uniform, so multinomial never raises: the non-finite input still makes the losses
+    non-finite, which the trainer counts and skips (no host sync here)."""
+    ok = torch.isfinite(probs).all(dim=-1, keepdim=True)
+    return torch.where(ok, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
+
+
 class StochasticVQ(nn.Module):
     def __init__(self, codebook_size: int, dim: int, temperature: float = 0.03):
         super().__init__()
@@ -52,7 +59,7 @@ class StochasticVQ(nn.Module):
             if deterministic:
                 indices = cos.argmax(dim=-1)  # (B, N)
             else:
-                probs = F.softmax(cos / self.temperature, dim=-1)
+                probs = safe_probs(F.softmax(cos / self.temperature, dim=-1))
                 indices = torch.multinomial(probs.reshape(-1, self.codebook_size), 1).reshape(cos.shape[:-1])
             q = F.embedding(indices, codebook)  # (B, N, d)
             commit = F.mse_loss(q.detach(), z)

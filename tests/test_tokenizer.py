@@ -226,3 +226,12 @@ def test_codebook_restart_moves_only_dead_codes(tiny_tokenizer):
     # each moved row sits on one of the given vectors (up to the tiny separating noise)
     cos = F.normalize(after[:10], dim=-1) @ vectors.t()
     assert (cos.max(1).values > 0.999).all()
+
+
+def test_non_finite_activations_give_non_finite_losses_not_errors(tiny_tokenizer):
+    tiny_tokenizer.train()
+    tiny_tokenizer.check_inputs = False
+    x = video(1, tiny_tokenizer)
+    x[0, 0, 0, 0, 0] = float("nan")
+    out = tiny_tokenizer(x, ss_ratio=0.5)
+    assert not torch.isfinite(out.commit_loss) and out.codes.shape == (1, tiny_tokenizer.num_tokens)

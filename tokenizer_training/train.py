@@ -125,16 +125,11 @@ def make_engine(module: torch.nn.Module, groups: list[dict], cfg: TrainConfig, d
 
 
 def forward_or_none(engine, video: torch.Tensor, ratio: float, with_prior: bool):
-    """The tokenizer's training forward, or None for an empty batch or non-finite activations (the SVQ's
-    multinomial raises on NaN/inf probabilities; the caller counts and skips the micro-batch)."""
+    """The tokenizer's training forward, or None for an empty batch. Non-finite activations come back as
+    non-finite losses (the SVQ samples uniformly from NaN rows), which the caller counts and skips."""
     if video.shape[0] == 0:
         return None
-    try:
-        return engine(video, ss_ratio=ratio, with_prior=with_prior)
-    except RuntimeError as exc:
-        if "probability tensor contains" in str(exc):
-            return None
-        raise
+    return engine(video, ss_ratio=ratio, with_prior=with_prior)
 
 
 def set_lrs(engine, base_lr: float, group_mults: list[float]) -> None:
