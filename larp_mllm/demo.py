@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run folder (reused by a second run)")
     ap.add_argument("--tokenizer-steps", type=int, default=1200)
-    ap.add_argument("--llm-steps", type=int, default=150)
+    ap.add_argument("--llm-steps", type=int, default=120)
     ap.add_argument("--samples-per-class", type=int, default=4)
     args = ap.parse_args(argv)
 

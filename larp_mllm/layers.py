@@ -45,6 +45,15 @@ def get_3d_sincos_pos_embed(dim: int, grid_t: int, grid_h: int, grid_w: int) -> 
     return pe.reshape(grid_t * grid_h * grid_w, dim).float()  # (t*h*w, dim)
 
 
+def xavier_init_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every nn.Linear inside `module` (the reference's global init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Patch embedding
 # ----------------------------------------------------------------------------------------------------------------------

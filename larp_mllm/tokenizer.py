@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .layers import ParallelTransformer, PatchEmbed3D, get_1d_sincos_pos_embed, get_3d_sincos_pos_embed
+from .layers import (ParallelTransformer, PatchEmbed3D, get_1d_sincos_pos_embed, get_3d_sincos_pos_embed,
+                     xavier_init_linears)
 from .prior import PRIOR_PRESETS, ContinuousPrior, prior_logits_from_vectors, prior_loss
 from .quantizer import QuantizerOutput, StochasticVQ
 
@@ -174,11 +175,7 @@ class LARPTokenizer(nn.Module):
     # ------------------------------------------------------------------------------------------------ construction
     def _init_weights(self) -> None:
         """Xavier on every Linear (prior included), zero output head, queries ~ N(0, std^2)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_init_linears(self)
         self.x_embedder.reset_parameters()
         nn.init.normal_(self.encoder_latent_query_embed, std=self.config.query_init_std)
         nn.init.normal_(self.decoder_patch_query_token_type_embed, std=0.02)

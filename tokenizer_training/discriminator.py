@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from larp_mllm.layers import Block, PatchEmbed3D, get_3d_sincos_pos_embed
+from larp_mllm.layers import Block, PatchEmbed3D, get_3d_sincos_pos_embed, xavier_init_linears
 
 
 @dataclass
@@ -61,11 +61,7 @@ class TransformerDiscriminator(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_init_linears(self)
         self.patch_embed.reset_parameters()
         nn.init.xavier_uniform_(self.cls_token)
 
