@@ -68,7 +68,12 @@ def test_make_dataset_csv_files_and_determinism(tmp_path):
     assert len({r["caption"].split(" over ")[1] for r in rows}) > 1  # backgrounds vary per video
     again = make_synthetic_dataset(tmp_path / "b", classes=4, per_class=3, seed=11, frames=8, size=32)
     assert again.read_text() == csv_path.read_text()
-    assert all(torch.equal(v, read_video(r.path)) for v, r in zip(videos, csv_records(again)))
+    # The rendered clips are identical (test_render_is_deterministic). FFmpeg's RGB->YUV conversion is not always
+    # bit-identical between runs (SIMD paths), and x264's decisions can then move a few pixels by ~13 levels, so
+    # the decoded files agree closely but not always exactly.
+    for v, r in zip(videos, csv_records(again)):
+        diff = (v - read_video(r.path)).abs()
+        assert diff.mean() < 1 / 255 and diff.max() < 32 / 255
     other = csv_records(make_synthetic_dataset(tmp_path / "c", classes=4, per_class=3, seed=12, frames=8, size=32))
     assert not torch.equal(videos[0], read_video(other[0].path))
 
@@ -83,3 +88,11 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "larp_mllm.synthetic", "--out", str(tmp_path / "z"), "--classes",
                           "99", "--per-class", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "between 1 and 72" in bad.stderr
+
+
+def test_render_is_deterministic():
+    spec = class_specs(4)[2]
+    a, ta = render_clip(spec, np.random.default_rng([5, 2, 1]), frames=8, size=32)
+    b, tb = render_clip(spec, np.random.default_rng([5, 2, 1]), frames=8, size=32)
+    c, _ = render_clip(spec, np.random.default_rng([5, 2, 2]), frames=8, size=32)
+    assert torch.equal(a, b) and ta == tb and not torch.equal(a, c)
