@@ -117,6 +117,15 @@ class VideoTokenHead(nn.Module):
         return F.linear(hidden, self.weight().to(hidden.dtype))
 
 
+def _full_rows(m: nn.Module) -> torch.Tensor:
+    """The extended matrix of a hybrid embedding or head: text rows, fill, control rows, video rows, padding."""
+    out = m.fill.to(m.weight.dtype).repeat(m.embedding_size, 1)  # (embedding_size, h)
+    out[: m.text_rows] = m.weight
+    out[m.base: m.video_offset] = m.control
+    out[m.video_offset: m.vocab_size] = m.video.weight()
+    return out
+
+
 class HybridEmbedding(nn.Module):
     """Input embedding over the extended layout; the original embedding stays a frozen submodule (`text`)."""
 
@@ -159,11 +168,7 @@ class HybridEmbedding(nn.Module):
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """All rows of the extended embedding (embedding_size, h)."""
-        out = self.fill.to(self.weight.dtype).repeat(self.embedding_size, 1)
-        out[: self.text_rows] = self.weight
-        out[self.base: self.video_offset] = self.control
-        out[self.video_offset: self.vocab_size] = self.video.weight()
-        return out
+        return _full_rows(self)
 
 
 class HybridHead(nn.Module):
@@ -235,11 +240,7 @@ class HybridHead(nn.Module):
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """All rows of the extended head (embedding_size, h)."""
-        out = self.fill.to(self.weight.dtype).repeat(self.embedding_size, 1)
-        out[: self.text_rows] = self.weight
-        out[self.base: self.video_offset] = self.control
-        out[self.video_offset: self.vocab_size] = self.video.weight()
-        return out
+        return _full_rows(self)
 
 
 # ---- installing, saving, materialising ------------------------------------------------------------------------

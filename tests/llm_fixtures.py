@@ -168,3 +168,36 @@ def video_batch(tokenizer: Any, vocab: Any, seed: int = 0) -> tuple[torch.Tensor
         ids += prompt + video
         labels += [-100] * len(prompt) + video
     return torch.tensor([ids]), torch.tensor([labels])
+
+
+def visible_larp(seed: int = 0):
+    """larp-tiny whose zero-initialised output layer is randomised, so decoded videos are not all black."""
+    larp = larp_tiny(seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer = larp.final_layer.linear
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
+        layer.bias.fill_(0.5)
+    return larp
+
+
+def tiny_video_bundle(root: Path) -> Path:
+    """A tiny Llama VideoLLM bundle (LoRA r4 + codebook adapter, sharpened video head) in root/bundle and its
+    LARP checkpoint in root/larp; returns the base model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_adapters.adapter import hybrid_modules
+    from llm_adapters.generate import hf_model
+    from llm_adapters.model import extend_llm
+
+    base = tiny_llm_dir("llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    larp = visible_larp()
+    video_llm = extend_llm(model, tokenizer, larp, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0))
+    _, head = hybrid_modules(hf_model(video_llm.model))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        head.video.rows.scale.normal_(0, 1.0)
+    video_llm.save_pretrained(root / "bundle")
+    larp.save_pretrained(root / "larp")
+    return base

@@ -7,30 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from llm_fixtures import larp_tiny, tiny_llm_dir
+from llm_fixtures import larp_tiny, tiny_video_bundle
 from safetensors.torch import load_file
 
 from larp_mllm.fvd import FeatureStats
 from larp_mllm.synthetic import class_specs, render_clip
 from larp_mllm.video_io import write_video
 from llm_adapters import benchmark
-from llm_adapters.adapter import hybrid_modules
-from llm_adapters.generate import hf_model
-from llm_adapters.model import extend_llm
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "PlayingViolin"]
 NUM = 4  # samples (and real clips) of the small protocol
-
-
-def visible_larp(seed: int = 0):
-    """larp-tiny whose zero-initialised output layer is randomised, so decoded videos are not all black."""
-    larp = larp_tiny(seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer = larp.final_layer.linear
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
-        layer.bias.fill_(0.5)
-    return larp
 
 
 def fake_ucf101(root: Path) -> tuple[Path, Path]:
@@ -51,19 +37,8 @@ def fake_ucf101(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = tmp_path_factory.mktemp("bench")
-    base = tiny_llm_dir("llama")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-    larp = visible_larp()
-    video_llm = extend_llm(model, tokenizer, larp, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0))
-    _, head = hybrid_modules(hf_model(video_llm.model))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        head.video.rows.scale.normal_(0, 1.0)
-    video_llm.save_pretrained(root / "bundle")
-    larp.save_pretrained(root / "larp")
+    base = tiny_video_bundle(root)
     videos, splits = fake_ucf101(root)
     common = ["--model", str(root / "bundle"), "--larp", str(root / "larp"), "--ucf101-root", str(videos),
               "--ucf101-splits", str(splits), "--cache-dir", str(root / "cache"), "--num-samples", str(NUM),

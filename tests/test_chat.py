@@ -8,47 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_fixtures import larp_tiny, tiny_llm_dir
+from llm_fixtures import larp_tiny, tiny_video_bundle
 from PIL import Image
 from safetensors.torch import load_file
 
 from larp_mllm.video_io import read_video
 from llm_adapters import chat
-from llm_adapters.adapter import hybrid_modules
-from llm_adapters.generate import generate_video_codes, hf_model
+from llm_adapters.generate import generate_video_codes
 from llm_adapters.model import extend_llm, merge_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["ApplyEyeMakeup", "Basketball", "PlayingViolin"]
 
 
-def visible_larp(seed: int = 0):
-    """larp-tiny whose zero-initialised output layer is randomised, so decoded videos are not all black."""
-    larp = larp_tiny(seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer = larp.final_layer.linear
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
-        layer.bias.fill_(0.5)
-    return larp
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama VideoLLM bundle (LoRA + codebook adapter, sharpened video head), its LARP checkpoint, classes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = tmp_path_factory.mktemp("chat")
-    base = tiny_llm_dir("llama")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-    larp = visible_larp()
-    video_llm = extend_llm(model, tokenizer, larp, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0))
-    _, head = hybrid_modules(hf_model(video_llm.model))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        head.video.rows.scale.normal_(0, 1.0)
-    video_llm.save_pretrained(root / "bundle")
-    larp.save_pretrained(root / "larp")
+    base = tiny_video_bundle(root)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return {"root": root, "bundle": root / "bundle", "larp": root / "larp", "classes": root / "classes.txt",
             "base": base}
