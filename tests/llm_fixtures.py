@@ -201,3 +201,8 @@ def tiny_video_bundle(root: Path) -> Path:
     video_llm.save_pretrained(root / "bundle")
     larp.save_pretrained(root / "larp")
     return base
+
+
+# The tiny models every adapter/model test runs on: (arch, tied embeddings, extra config.vocab_size rows).
+MODEL_VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
+MODEL_VARIANT_IDS = [f"{a}-{'tied' if t else 'untied'}-{e}" for a, t, e in MODEL_VARIANTS]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from llm_fixtures import chat_ids, larp_tiny, perturb_, tiny_llm
+from llm_fixtures import MODEL_VARIANT_IDS, MODEL_VARIANTS, chat_ids, larp_tiny, perturb_, tiny_llm
 
 from llm_adapters.adapter import (
     HybridEmbedding,
@@ -20,9 +20,7 @@ from llm_adapters.adapter import (
 )
 from llm_adapters.vocab import VideoVocab
 
-VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
-NAMES = [f"{a}-{'tied' if t else 'untied'}-{e}" for a, t, e in VARIANTS]
-IDS = pytest.mark.parametrize("arch,tied,extra", VARIANTS, ids=NAMES)
+IDS = pytest.mark.parametrize("arch,tied,extra", MODEL_VARIANTS, ids=MODEL_VARIANT_IDS)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from llm_fixtures import chat_ids, larp_tiny, perturb_, smollm2, smollm2_dir, tiny_llm, tiny_llm_dir, video_batch
+from llm_fixtures import (MODEL_VARIANT_IDS, MODEL_VARIANTS, chat_ids, larp_tiny, perturb_, smollm2, smollm2_dir, tiny_llm,
+                          tiny_llm_dir, video_batch)
 
 from llm_adapters.adapter import hybrid_modules
 from llm_adapters.model import (
@@ -19,9 +20,7 @@ from llm_adapters.model import (
 )
 from llm_adapters.vocab import VideoVocab
 
-VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
-NAMES = [f"{a}-{'tied' if t else 'untied'}-{e}" for a, t, e in VARIANTS]
-MODELS = pytest.mark.parametrize("arch,tied,extra", VARIANTS, ids=NAMES)
+MODELS = pytest.mark.parametrize("arch,tied,extra", MODEL_VARIANTS, ids=MODEL_VARIANT_IDS)
 ADAPTERS = pytest.mark.parametrize("adapter", ["codebook", "rows"])
 SMALL_LORA = dict(r=4, lora_alpha=8)
 QUESTION = "What is the capital of France?"
