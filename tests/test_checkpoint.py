@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 from pathlib import Path
@@ -49,14 +50,58 @@ def test_fixture_codes_and_reconstructions(reference_fixture):
     torch.testing.assert_close(tok.decode_codes(exp["codes"]), exp["decoded_from_codes"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open discrepancy: our prior (the reference's gptc as its source documents it, verified by an independent "
-    "float64 re-computation) gives logits within 0.12 of the fixture's (predicted unit vectors agree to cosine "
-    ">= 0.987), not 1e-4; codes, encoded latents and reconstructions match to 1e-6"))
-def test_fixture_prior_logits(reference_fixture):
+def _prior_row0(prior, vector: torch.Tensor, codebook: torch.Tensor, attn_scale: torch.Tensor) -> torch.Tensor:
+    """Logits for position 1 from the code vector at position 0, with per-(layer, head) attention multipliers.
+
+    With one key, attention is the identity on v, so an attention-dropout mask is one multiplier per head:
+    0 (dropped) or 1 / (1 - p) (kept and rescaled).
+    """
+    heads = prior.blocks[0].attn.heads
+    h = prior.input_proj(vector.view(1, 1, -1)) + prior.pos_emb[:, :1]  # (1, 1, W)
+    for layer, blk in enumerate(prior.blocks):
+        v = blk.attn.value(blk.ln1(h)).view(1, 1, heads, -1) * attn_scale[layer].view(1, 1, heads, 1)
+        h = h + blk.attn.proj(v.reshape(1, 1, -1))
+        h = h + blk.mlp(blk.ln2(h))
+    return (torch.nn.functional.normalize(prior.head(prior.ln_f(h)), dim=-1) @ codebook.t())[0, 0]  # (K,)
+
+
+@torch.no_grad()
+def test_fixture_prior_logits_are_the_reference_eval_path_with_its_attention_dropout(reference_fixture):
+    """The fixture's `prior_logits` were computed by the reference's eval path, whose SDPA attention dropout
+    (p = 0.1) stays on in eval (larp-spec.md, the gptc bug), so they are one random draw, not reproducible to 1e-4
+    by any implementation without that draw's RNG state. What can be checked exactly: position 1 (one key, so each
+    head's dropout is a multiplier 0 or 1/0.9) equals ours under some dropout mask to 1e-5; and every other
+    position lies within the spread of our prior run with the same eval-time attention dropout."""
     tok = LARPTokenizer.from_pretrained(reference_fixture).eval()
     exp = load_file(str(reference_fixture / "expected_outputs.safetensors"))
-    torch.testing.assert_close(tok.prior_logits(exp["codes"]), exp["prior_logits"], atol=1e-4, rtol=0)
+    prior, codebook = tok.prior_model, tok.codebook()
+    vectors = tok.bottleneck.regularizer.lookup(exp["codes"])  # (B, N, d)
+    keep = 1 / (1 - prior.blocks[0].attn.dropout)
+    cells = [(layer, head) for layer in range(len(prior.blocks)) for head in range(prior.blocks[0].attn.heads)]
+    clean = tok.prior_logits(exp["codes"])  # dropout off (our eval)
+    for b in range(vectors.shape[0]):
+        best = float("inf")
+        for k in range(3):  # masks with up to 2 dropped heads (P(<= 2 of 24) = 0.79)
+            for dropped in itertools.combinations(cells, k):
+                scale = torch.full((len(prior.blocks), prior.blocks[0].attn.heads), keep)
+                for layer, head in dropped:
+                    scale[layer, head] = 0.0
+                best = min(best, (_prior_row0(prior, vectors[b, 0], codebook, scale)
+                                  - exp["prior_logits"][b, 0]).abs().max().item())
+        assert best < 1e-5, f"sample {b}: no attention-dropout mask reproduces position 1 (best {best:.2e})"
+        # and the reference did not run dropout-free: our clean logits differ from the fixture's at position 1
+        assert (clean[b, 0] - exp["prior_logits"][b, 0]).abs().max() > 1e-3
+
+    # Other positions: the fixture's deviation from the dropout-free logits is within what eval-time attention
+    # dropout produces in our prior (200 draws), position by position.
+    for blk in prior.blocks:
+        blk.attn.training = True  # only SDPA's dropout_p (not the residual dropout module) turns on
+    torch.manual_seed(0)
+    draws = torch.stack([tok.prior_logits(exp["codes"]) for _ in range(200)])  # (200, B, N-1, K)
+    spread = (draws - clean).abs().amax(dim=-1)  # (200, B, N-1)
+    fixture_dev = (exp["prior_logits"] - clean).abs().amax(dim=-1)  # (B, N-1)
+    assert (fixture_dev <= spread.amax(dim=0) * 1.05).all(), (fixture_dev, spread.amax(dim=0))
+    assert (fixture_dev >= spread.amin(dim=0) * 0.95).all()
 
 
 def test_fixed_embeddings_equal_the_reference_buffers(reference_fixture):
