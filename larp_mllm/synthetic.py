@@ -31,6 +31,8 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy)
 TEXTURES = ("striped", "checkered", "dotted", "cloudy")
+BACKGROUNDS = ("textured", "plain")  # textured: one of TEXTURES per clip; plain: a tint with a soft gradient
+OBJECT_SIZES = {"small": (0.1, 0.18), "large": (0.2, 0.3)}  # shape radius range, as a fraction of the frame size
 MAX_CLASSES = len(COLORS) * len(SHAPES) * len(DIRECTIONS)
 
 
@@ -83,6 +85,9 @@ def _background(rng: np.random.Generator, size: int, texture: str) -> np.ndarray
         gap = rng.uniform(0.1, 0.18) * size
         radius = gap * rng.uniform(0.15, 0.3)
         pattern = ((xx % gap) - gap / 2) ** 2 + ((yy % gap) - gap / 2) ** 2 < radius**2
+    elif texture == "plain":  # a soft linear gradient
+        angle = rng.uniform(0, 2 * np.pi)
+        pattern = 0.5 + 0.5 * (np.cos(angle) * xx + np.sin(angle) * yy) / (size * np.sqrt(2))
     else:  # cloudy: smooth noise, bilinear upsample of a coarse grid
         coarse = torch.from_numpy(rng.random((1, 1, 5, 5), dtype=np.float32))
         up = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -106,12 +111,17 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
 
 
 def render_clip(
-    spec: ClassSpec, rng: np.random.Generator, frames: int = 16, size: int = 64
+    spec: ClassSpec, rng: np.random.Generator, frames: int = 16, size: int = 64, background: str = "textured",
+    object_size: str = "small",
 ) -> tuple[torch.Tensor, str]:
     """One video of ``spec``: float (3, frames, size, size) in [0, 1], and the background's texture name."""
-    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if object_size not in OBJECT_SIZES:
+        raise ValueError(f"object_size must be one of {sorted(OBJECT_SIZES)}, got {object_size!r}")
+    texture = TEXTURES[int(rng.integers(len(TEXTURES)))] if background == "textured" else "plain"
     background = _background(rng, size, texture)  # (size, size, 3)
-    r = rng.uniform(0.1, 0.18) * size
+    r = rng.uniform(*OBJECT_SIZES[object_size]) * size
     dx, dy = DIRECTIONS[spec.direction]
     room = size - 2 * r  # the centre stays in [r, size - r] on the motion axis
     speed = min(rng.uniform(0.025, 0.05) * size, 0.9 * room / max(frames - 1, 1))  # pixels per frame
@@ -133,9 +143,12 @@ def render_clip(
 
 def make_synthetic_dataset(
     out: str | os.PathLike, classes: int, per_class: int, seed: int = 0, frames: int = 16, size: int = 64,
-    fps: float = 8,
+    fps: float = 8, background: str = "textured", object_size: str = "small",
 ) -> Path:
-    """Write ``classes * per_class`` mp4 files under ``out/videos`` and ``out/synthetic.csv``; return the CSV path."""
+    """Write ``classes * per_class`` mp4 files under ``out/videos`` and ``out/synthetic.csv``; return the CSV path.
+
+    ``background="plain"`` and ``object_size="large"`` make a set a tiny tokenizer learns in CPU minutes (the demo's).
+    """
     if per_class < 1 or frames < 1 or size < 8:
         raise ValueError(f"need per_class >= 1, frames >= 1, size >= 8; got {per_class}, {frames}, {size}")
     out = Path(out)
@@ -143,7 +156,7 @@ def make_synthetic_dataset(
     for label, spec in enumerate(class_specs(classes)):
         for j in range(per_class):
             rng = np.random.default_rng([seed, label, j])
-            video, texture = render_clip(spec, rng, frames, size)
+            video, texture = render_clip(spec, rng, frames, size, background, object_size)
             rel = Path("videos") / spec.name / f"{spec.name}_{j:04d}.mp4"
             write_video(video, out / rel, fps=fps)
             rows.append((len(rows), rel.as_posix(), spec.name, label, spec.caption(texture)))
@@ -166,10 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=float, default=8)
+    parser.add_argument("--background", default="textured", choices=BACKGROUNDS,
+                        help="textured: striped/checkered/dotted/cloudy per clip; plain: a tint with a soft gradient")
+    parser.add_argument("--object-size", default="small", choices=sorted(OBJECT_SIZES),
+                        help="shape radius: small = 10-18%% of the frame, large = 20-30%%")
     args = parser.parse_args(argv)
     try:
         path = make_synthetic_dataset(args.out, args.classes, args.per_class, args.seed, args.frames, args.size,
-                                      args.fps)
+                                      args.fps, args.background, args.object_size)
     except ValueError as e:
         parser.error(str(e))
     print(path)

@@ -83,6 +83,11 @@ def test_tokenizer_loss_weights_and_gradients(tiny_tokenizer):
     expect = g.l1 + 0.3 * g.gan + 0.1 * g.vq + 0.06 * g.prior
     assert g.total.item() == pytest.approx(expect.item(), rel=1e-5)
     assert g.l1.item() == pytest.approx((video - out.recon).abs().mean().item(), rel=1e-6)
+    assert g.l2.item() == pytest.approx((video - out.recon).square().mean().item(), rel=1e-6)
+    # the squared-error term (the CPU config's reconstruction loss) enters the total with its weight
+    g2 = TokenizerLoss(LossArguments(perceptual_backend="none", l1_weight=0.0, l2_weight=2.0, vq_weight=0.1,
+                                     prior_weight=0.06)).generator(video, out)
+    assert g2.total.item() == pytest.approx((2.0 * g2.l2 + 0.1 * g2.vq + 0.06 * g2.prior).item(), rel=1e-5)
     assert g.prior.item() > math.log(tok.codebook_size) * 0.3  # a real CE, not a placeholder
     g.total.backward()
     assert tok.final_layer.linear.weight.grad.abs().sum() > 0

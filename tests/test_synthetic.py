@@ -49,6 +49,30 @@ def test_objects_move_in_the_class_direction(k):
         assert along > 8 and across < 3, (spec.name, texture, moved)
 
 
+def test_plain_background_and_large_objects():
+    """The demo's style: a smooth background (no texture edges) and shapes about twice the default radius."""
+    spec = class_specs(4)[0]
+    areas = {}
+    for size in ("small", "large"):
+        areas[size] = []
+        for j in range(6):
+            video, texture = render_clip(spec, np.random.default_rng([2, j]), frames=4, size=64,
+                                         background="plain", object_size=size)
+            assert texture == "plain"
+            frame = video[:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
+            obj = np.abs(frame - np.asarray(COLORS[spec.color])).max(-1) < 0.1
+            areas[size].append(obj.mean())
+            background = frame[~obj]
+            # neighbouring background pixels differ by a gradient step at most (textures jump by >= 0.1)
+            dx = np.abs(np.diff(frame, axis=1)).max(-1)[~obj[:, 1:] & ~obj[:, :-1]]
+            assert dx.max() < 0.02 and background.std() < 0.15
+    assert np.mean(areas["large"]) > 2.5 * np.mean(areas["small"])
+    with pytest.raises(ValueError, match="background"):
+        render_clip(spec, np.random.default_rng(0), background="stars")
+    with pytest.raises(ValueError, match="object_size"):
+        render_clip(spec, np.random.default_rng(0), object_size="huge")
+
+
 def test_make_dataset_csv_files_and_determinism(tmp_path):
     csv_path = make_synthetic_dataset(tmp_path / "a", classes=4, per_class=3, seed=11, frames=8, size=32)
     with open(csv_path, newline="") as f:

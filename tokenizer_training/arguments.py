@@ -53,14 +53,22 @@ class DataArguments:
     num_workers: int = _f(0, "DataLoader workers per process")
     synthetic_classes: int = _f(4, "synthetic set: number of motion classes")
     synthetic_per_class: int = _f(16, "synthetic set: clips per class (train); val uses a quarter, other seed")
+    synthetic_background: str = _f("textured", "synthetic set: 'textured' or 'plain' backgrounds",
+                                   choices=["textured", "plain"])
+    synthetic_object_size: str = _f("small", "synthetic set: 'small' (10-18%% of the frame) or 'large' (20-30%%)",
+                                    choices=["small", "large"])
     val_batches: int = _f(2, "validation batches (per process) for PSNR/SSIM/perceptual")
 
 
 @dataclass
 class LossArguments:
-    """L = l1 * |x - x^| + perceptual * LPIPS + gan * L_G + vq * loss_q + prior * L_prior (larp-spec 3.1)."""
+    """L = l1 * |x - x^| + l2 * (x - x^)^2 + perceptual * LPIPS + gan * L_G + vq * loss_q + prior * L_prior.
+
+    The reference (larp-spec 3.1) has no l2 term. Without the perceptual term, L1 alone drives a small model to the
+    per-pixel median (the background: small moving objects vanish), so the CPU config trains with l2 instead."""
 
     l1_weight: float = _f(1.0, "L1 reconstruction weight")
+    l2_weight: float = _f(0.0, "squared-error reconstruction weight (not in the reference; the tiny CPU config's)")
     perceptual_weight: float = _f(1.0, "perceptual (LPIPS) weight")
     perceptual_backend: str = _f("stlpips", "'stlpips' (weights ship with stlpips-pytorch), 'lpips-vgg', 'none'",
                                  choices=["stlpips", "lpips-vgg", "none"])
@@ -216,8 +224,9 @@ def check_config(cfg: TrainConfig) -> None:
          f"perceptual_backend must be stlpips, lpips-vgg or none, got {lo.perceptual_backend!r}")
     need(lo.perceptual_backend != "lpips-vgg" or lo.perceptual_weights is not None,
          "perceptual_backend 'lpips-vgg' needs perceptual_weights (a path to the user's LPIPS-VGG weights)")
-    need(min(lo.l1_weight, lo.perceptual_weight, lo.gan_weight, lo.lecam_weight, lo.vq_weight, lo.prior_weight) >= 0,
-         "loss weights must be >= 0")
+    weights = (lo.l1_weight, lo.l2_weight, lo.perceptual_weight, lo.gan_weight, lo.lecam_weight, lo.vq_weight,
+               lo.prior_weight)
+    need(min(weights) >= 0, "loss weights must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Losses of LARP tokenizer training (larp-spec 3.1).
 
-Generator:      L = l1 * mean|x - x^| + perceptual * LPIPS(x, x^) + gan * L_G + vq * loss_q + prior * L_prior
+Generator:      L = l1 * mean|x - x^| + l2 * mean (x - x^)^2 + perceptual * LPIPS(x, x^) + gan * L_G + vq * loss_q + prior * L_prior
 Discriminator:  L_D = BCE(D(x), 1 - |N(0,1)| s, >= 0.7) + BCE(D(x^), |N(0,1)| s, <= 0.3) + lecam * R_LeCam
 
 `ns_smooth` is the non-saturating GAN loss with noisy labels; the generator term is -mean(logsigmoid(D(x^))) with a
@@ -31,6 +31,7 @@ class GeneratorLosses:
 
     total: torch.Tensor
     l1: torch.Tensor
+    l2: torch.Tensor
     perceptual: torch.Tensor
     gan: torch.Tensor
     vq: torch.Tensor
@@ -130,12 +131,14 @@ class TokenizerLoss(nn.Module):
         a = self.args
         recon = out.recon
         zero = recon.new_zeros((), dtype=torch.float32)
-        l1 = (video.float() - recon.float()).abs().mean()
+        diff = video.float() - recon.float()
+        l1, l2 = diff.abs().mean(), diff.square().mean()
         perc = perceptual_video(self.perceptual, video, recon) if self.perceptual is not None else zero
         prior = out.prior_loss.float() if out.prior_loss is not None and a.prior_weight > 0 else zero
         vq = out.vq_loss.float()
-        total = a.l1_weight * l1 + a.perceptual_weight * perc + a.vq_weight * vq + a.prior_weight * prior
-        base = GeneratorLosses(total, l1.detach(), perc.detach(), zero, vq.detach(), prior.detach())
+        total = (a.l1_weight * l1 + a.l2_weight * l2 + a.perceptual_weight * perc + a.vq_weight * vq
+                 + a.prior_weight * prior)
+        base = GeneratorLosses(total, l1.detach(), l2.detach(), perc.detach(), zero, vq.detach(), prior.detach())
         return self.add_adversarial(base, fake_logits)
 
     def add_adversarial(self, losses: GeneratorLosses, fake_logits: Optional[torch.Tensor]) -> GeneratorLosses:

@@ -91,10 +91,13 @@ def build_datasets(cfg: TrainConfig, out_dir: Path, dist: Dist, frames: int, siz
         if source == "synthetic":
             from larp_mllm.synthetic import make_synthetic_dataset
 
-            folder = out_dir / "data" / f"synthetic_seed{seed}_{cfg.data.synthetic_classes}x{per_class}_{size}px"
+            d = cfg.data
+            folder = out_dir / "data" / (f"synthetic_seed{seed}_{d.synthetic_classes}x{per_class}_{size}px_"
+                                         f"{d.synthetic_background}_{d.synthetic_object_size}")
             if dist.rank == 0 and not (folder / "synthetic.csv").is_file():
                 make_synthetic_dataset(folder, cfg.data.synthetic_classes, per_class, seed=seed,
-                                       frames=2 * frames, size=size)
+                                       frames=2 * frames, size=size, background=cfg.data.synthetic_background,
+                                       object_size=cfg.data.synthetic_object_size)
             dist.barrier()
             source = str(folder / "synthetic.csv")
         found = []
@@ -294,7 +297,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if disc is not None:
                 disc.requires_grad_(True)
             g_engine.step()
-            values = {"loss/total": g_loss.total.detach(), "loss/l1": g_loss.l1, "loss/perceptual": g_loss.perceptual,
+            values = {"loss/total": g_loss.total.detach(), "loss/l1": g_loss.l1, "loss/l2": g_loss.l2,
+                      "loss/perceptual": g_loss.perceptual,
                       "loss/gan_g": g_loss.gan, "loss/vq": g_loss.vq, "loss/prior": g_loss.prior}
             if use_prior:
                 values["prior/top1"] = out.prior_top1
@@ -314,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 summary.update({"lr/generator": t.lr * mult, "lr/discriminator": t.disc_lr * mult,
                                 "schedule/ss_ratio": ratio, "skipped_batches": float(state.bad_steps)})
                 reporter.scalars(state.step, summary)
-                bar.set_postfix(l1=f"{summary.get('loss/l1', 0):.4f}")
+                bar.set_postfix(l1=f"{summary.get('loss/l1', 0):.4f}", l2=f"{summary.get('loss/l2', 0):.4f}")
             if val_batches and (state.step == total or (t.val_every and state.step % t.val_every == 0)):
                 metrics, recon = validate(tok, val_batches, amp, perceptual, dist.device)
                 reporter.scalars(state.step, metrics)
