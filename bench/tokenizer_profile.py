@@ -13,7 +13,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from larp_mllm import LARPTokenizer
+from tokenizer_speed import DTYPES, build_tokenizer, reference_train_step  # bench/ is on sys.path when run as a script
 
 
 def kind(name: str) -> str:
@@ -30,37 +30,24 @@ def main() -> None:
     ap.add_argument("--preset", default="larp-l-long")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--train-batch", type=int, default=16)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tokenizer_profile.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    tok = LARPTokenizer.from_preset(args.preset).to(dev)
-    tok.check_inputs = False
-    if args.compile:
-        tok.encoder, tok.decoder = torch.compile(tok.encoder), torch.compile(tok.decoder)
+    dtype = DTYPES[args.dtype]
+    tok = build_tokenizer(args.preset, dev, args.compile).eval()
     video = torch.rand(args.batch, *tok.video_shape, device=dev)
-    train_video = torch.rand(args.train_batch, *tok.video_shape, device=dev)
-    opt = torch.optim.Adam(tok.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=True)
     ac = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
-    codes = tok.eval().tokenize(video)
-
-    def train_step() -> None:
-        tok.train()
-        with ac:
-            out = tok(train_video, ss_ratio=0.3)
-            loss = (out.recon.float() - train_video).abs().mean() + 0.1 * out.vq_loss + 0.06 * out.prior_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    phases = {"encode": lambda: tok.eval().tokenize(video), "decode": lambda: tok.eval().decode_codes(codes),
-              "train_step": train_step}
-    for name, fn in phases.items():
+    codes = tok.tokenize(video)
+    # phase -> a factory of the function to profile (the train step puts the model in training mode)
+    phases = {"encode": lambda: lambda: tok.tokenize(video), "decode": lambda: lambda: tok.decode_codes(codes),
+              "train_step": lambda: reference_train_step(
+                  tok, torch.rand(args.train_batch, *tok.video_shape, device=dev), ac)}
+    for name, make in phases.items():
+        fn = make()
         with ac:
             for _ in range(3):
                 fn()

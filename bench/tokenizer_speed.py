@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,42 @@ def reset_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def build_tokenizer(preset: str, device: torch.device, compile: bool) -> LARPTokenizer:
+    """A randomly initialised tokenizer on `device`, input checks off (no host syncs), optionally compiled."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    tok = LARPTokenizer.from_preset(preset).to(device)
+    tok.check_inputs = False
+    if compile:
+        tok.encoder = torch.compile(tok.encoder)
+        tok.decoder = torch.compile(tok.decoder)
+        if tok.prior_model is not None:
+            tok.prior_model = torch.compile(tok.prior_model)
+    return tok
+
+
+def reference_train_step(tok: LARPTokenizer, video: torch.Tensor, autocast) -> Callable[[], None]:
+    """The step of the reference's measurement: forward + L1 + 0.1 VQ + 0.06 prior + backward + Adam (0.5, 0.9).
+
+    Puts `tok` in training mode."""
+    tok.train()
+    opt = torch.optim.Adam(tok.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=video.device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            out = tok(video, ss_ratio=0.3)
+            loss = (out.recon.float() - video).abs().mean() + 0.1 * out.vq_loss
+            if out.prior_loss is not None:
+                loss = loss + 0.06 * out.prior_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="larp-tiny", choices=sorted(TOKENIZER_PRESETS))
@@ -62,17 +99,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    tok = LARPTokenizer.from_preset(args.preset).to(device)
-    tok.check_inputs = False  # no host syncs in the timed path
-    if args.compile:
-        tok.encoder = torch.compile(tok.encoder)
-        tok.decoder = torch.compile(tok.decoder)
-        if tok.prior_model is not None:
-            tok.prior_model = torch.compile(tok.prior_model)
+    tok = build_tokenizer(args.preset, device, args.compile)
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
@@ -97,19 +124,7 @@ def main() -> None:
     if "train" not in args.skip:
         tb = args.train_batch or args.batch
         train_video = torch.rand(tb, *tok.video_shape, device=device)
-        tok.train()
-        opt = torch.optim.Adam(tok.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=device.type == "cuda")
-
-        def step() -> None:
-            with autocast:
-                out = tok(train_video, ss_ratio=0.3)
-                loss = (out.recon.float() - train_video).abs().mean() + 0.1 * out.vq_loss
-                if out.prior_loss is not None:
-                    loss = loss + 0.06 * out.prior_loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = reference_train_step(tok, train_video, autocast)
         reset_mem(device)
         emit("train_step", tb, timed(step, device, args.warmup, args.iters))
 

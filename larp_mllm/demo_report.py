@@ -130,9 +130,9 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
     acc_code = float((_nearest_code_labels(gen_codes, ref_codes, ref_labels) == gen_labels).float().mean())
     real_train, train_labels = _clips(train_csv, tok)
     acc_pixel = float((_nearest_pixel_labels(gen_videos, real_train, train_labels) == gen_labels).float().mean())
-    with torch.no_grad():
-        recon_train = tok.decode_codes(tok.tokenize(real_train)).clamp(0, 1)
-    acc_recon = float((_nearest_pixel_labels(gen_videos, recon_train, train_labels) == gen_labels).float().mean())
+    with torch.no_grad():  # the extracted codes are the deterministic codes of these same training chunks
+        recon_train = tok.decode_codes(code_set.codes).clamp(0, 1)
+    acc_recon = float((_nearest_pixel_labels(gen_videos, recon_train, code_set.labels) == gen_labels).float().mean())
     fvd_gen = _fvd(real_val, gen_videos)
     fvd_recon = _fvd(real_val, recon)
 

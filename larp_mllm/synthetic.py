@@ -120,7 +120,7 @@ def render_clip(
     if object_size not in OBJECT_SIZES:
         raise ValueError(f"object_size must be one of {sorted(OBJECT_SIZES)}, got {object_size!r}")
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))] if background == "textured" else "plain"
-    background = _background(rng, size, texture)  # (size, size, 3)
+    backdrop = _background(rng, size, texture)  # (size, size, 3)
     r = rng.uniform(*OBJECT_SIZES[object_size]) * size
     dx, dy = DIRECTIONS[spec.direction]
     room = size - 2 * r  # the centre stays in [r, size - r] on the motion axis
@@ -135,7 +135,7 @@ def render_clip(
     for t in range(frames):
         pos = along + speed * t * (dx + dy)
         cx, cy = (pos, across) if dx != 0 else (across, pos)
-        frame = background.copy()
+        frame = backdrop.copy()
         frame[_shape_mask(spec.shape, size, cx, cy, r)] = color
         video[t] = frame
     return torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(), texture  # (3, frames, size, size)

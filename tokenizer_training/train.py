@@ -95,9 +95,8 @@ def build_datasets(cfg: TrainConfig, out_dir: Path, dist: Dist, frames: int, siz
             folder = out_dir / "data" / (f"synthetic_seed{seed}_{d.synthetic_classes}x{per_class}_{size}px_"
                                          f"{d.synthetic_background}_{d.synthetic_object_size}")
             if dist.rank == 0 and not (folder / "synthetic.csv").is_file():
-                make_synthetic_dataset(folder, cfg.data.synthetic_classes, per_class, seed=seed,
-                                       frames=2 * frames, size=size, background=cfg.data.synthetic_background,
-                                       object_size=cfg.data.synthetic_object_size)
+                make_synthetic_dataset(folder, d.synthetic_classes, per_class, seed=seed, frames=2 * frames, size=size,
+                                       background=d.synthetic_background, object_size=d.synthetic_object_size)
             dist.barrier()
             source = str(folder / "synthetic.csv")
         found = []
