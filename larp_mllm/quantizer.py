@@ -7,6 +7,7 @@ runs in fp32 with autocast off. No EMA; kaiming-uniform codebook init.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ class QuantizerOutput:
     indices: torch.Tensor  # (B, N) int64 code indices
     commit_loss: torch.Tensor  # mean((sg[q] - z)^2)
     codebook_loss: torch.Tensor  # mean((q - sg[z])^2)
+    entropy_loss: Optional[torch.Tensor] = None  # code_entropy_loss, when an entropy temperature was given
 
 
 def safe_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -28,6 +30,20 @@ def safe_probs(probs: torch.Tensor) -> torch.Tensor:
     non-finite, which the trainer counts and skips (no host sync here)."""
     ok = torch.isfinite(probs).all(dim=-1, keepdim=True)
     return torch.where(ok, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
+
+
+def code_entropy_loss(cos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Codebook-usage regulariser (MAGVIT's entropy loss) on the affinities cos (B, N, K), fp32 -> scalar.
+
+    With p = softmax(cos / temperature): mean per-token entropy H(p) minus the entropy of the batch's mean p.
+    Minimising it makes each token confident and the batch spread over the codebook. Not in the reference (its
+    entropy loss is off and would crash in stochastic mode); the mean is over this process's batch."""
+    log_p = F.log_softmax(cos / temperature, dim=-1)  # (B, N, K)
+    p = log_p.exp()
+    token_entropy = -(p * log_p).sum(dim=-1).mean()
+    mean_p = p.reshape(-1, p.shape[-1]).mean(dim=0)  # (K,)
+    batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+    return token_entropy - batch_entropy
 
 
 class StochasticVQ(nn.Module):
@@ -50,8 +66,11 @@ class StochasticVQ(nn.Module):
         """The l2-normalised codebook (K, d) in fp32."""
         return F.normalize(self.embedding.weight.float(), dim=-1)
 
-    def forward(self, z: torch.Tensor, deterministic: bool) -> QuantizerOutput:
-        """z (B, N, d) any float dtype -> QuantizerOutput; sampling unless `deterministic`."""
+    def forward(
+        self, z: torch.Tensor, deterministic: bool, entropy_temperature: Optional[float] = None
+    ) -> QuantizerOutput:
+        """z (B, N, d) any float dtype -> QuantizerOutput; sampling unless `deterministic`. With
+        `entropy_temperature`, the output also carries `code_entropy_loss` of the affinities."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = F.normalize(z.float(), dim=-1)  # (B, N, d)
             codebook = self.codebook()  # (K, d)
@@ -65,7 +84,8 @@ class StochasticVQ(nn.Module):
             commit = F.mse_loss(q.detach(), z)
             codebook_loss = F.mse_loss(q, z.detach())
             quantized = z + (q - z).detach()
-        return QuantizerOutput(quantized, indices, commit, codebook_loss)
+            entropy = code_entropy_loss(cos, entropy_temperature) if entropy_temperature is not None else None
+        return QuantizerOutput(quantized, indices, commit, codebook_loss, entropy)
 
     @torch.no_grad()
     def restart_codes(

@@ -118,6 +118,7 @@ class TokenizerOutput:
     codebook_loss: torch.Tensor
     vq_loss: torch.Tensor
     prior_loss: Optional[torch.Tensor] = None  # None when the model has no prior or it was skipped
+    entropy_loss: Optional[torch.Tensor] = None  # codebook-usage term; None unless an entropy temperature was given
     prior_top1: Optional[torch.Tensor] = None
     prior_top5: Optional[torch.Tensor] = None
 
@@ -291,9 +292,11 @@ class LARPTokenizer(nn.Module):
         queries = self.encoder_latent_query_embed.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, D)
         return self.encoder(x, queries.to(x.dtype))  # (B, N, D)
 
-    def quantize(self, tokens: torch.Tensor, deterministic: bool) -> QuantizerOutput:
+    def quantize(
+        self, tokens: torch.Tensor, deterministic: bool, entropy_temperature: Optional[float] = None
+    ) -> QuantizerOutput:
         """Holistic tokens (B, N, D) -> QuantizerOutput (code vectors (B, N, d) and indices (B, N))."""
-        return self.bottleneck.regularizer(self.bottleneck.in_linear(tokens), deterministic)
+        return self.bottleneck.regularizer(self.bottleneck.in_linear(tokens), deterministic, entropy_temperature)
 
     def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """Unit code vectors (B, N, d) -> video (B, 3, T, H, W), unclamped."""
@@ -345,16 +348,19 @@ class LARPTokenizer(nn.Module):
         return prior_logits_from_vectors(self.prior_model, vectors, self.codebook(), self.config.prior_ce_temperature)
 
     def forward(
-        self, video: torch.Tensor, ss_ratio: float = 0.0, deterministic: bool = False, with_prior: bool = True
+        self, video: torch.Tensor, ss_ratio: float = 0.0, deterministic: bool = False, with_prior: bool = True,
+        entropy_temperature: Optional[float] = None,
     ) -> TokenizerOutput:
-        """Training forward. `ss_ratio` (scheduled-sampling ratio of the prior loss) is the caller's schedule."""
+        """Training forward. `ss_ratio` (scheduled-sampling ratio of the prior loss) is the caller's schedule;
+        `entropy_temperature` adds the codebook-usage term (`quantizer.code_entropy_loss`) to the output."""
         self._check_video(video)
-        q = self.quantize(self.encode(video), deterministic)
+        q = self.quantize(self.encode(video), deterministic, entropy_temperature)
         recon = self.decode_vectors(q.quantized)
         cfg = self.config
         out = TokenizerOutput(
             recon=recon, codes=q.indices, commit_loss=q.commit_loss, codebook_loss=q.codebook_loss,
             vq_loss=cfg.commitment_weight * q.commit_loss + cfg.codebook_weight * q.codebook_loss,
+            entropy_loss=q.entropy_loss,
         )
         if with_prior and self.prior_model is not None:
             p = prior_loss(self.prior_model, q.quantized, q.indices, self.codebook(), ss_ratio,

@@ -119,3 +119,40 @@ def test_perceptual_backend_none_and_stlpips():
     same = TokenizerOutput(recon=a.clone(), codes=out.codes, commit_loss=out.commit_loss,
                            codebook_loss=out.codebook_loss, vq_loss=out.vq_loss)
     assert loss_fn.generator(a, same).perceptual.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_code_entropy_loss_rewards_confident_spread_codes():
+    from larp_mllm.quantizer import code_entropy_loss
+
+    k, t = 8, 0.01
+    codebook = torch.eye(k)
+    spread = codebook.repeat(4, 1)[None]  # (1, 32, 8): every code used equally, each token on a code
+    collapsed = codebook[:1].repeat(32, 1)[None]  # every token on code 0
+    blurry = torch.zeros(1, 32, k)  # every token equally close to every code
+    assert code_entropy_loss(spread, t).item() == pytest.approx(-math.log(k), abs=1e-4)
+    assert code_entropy_loss(collapsed, t).item() == pytest.approx(0.0, abs=1e-4)
+    assert code_entropy_loss(blurry, t).item() == pytest.approx(0.0, abs=1e-5)
+    # against the definition on random affinities
+    cos = torch.rand(2, 5, k) * 2 - 1
+    p = torch.softmax(cos / 0.1, -1)
+    mean_p = p.reshape(-1, k).mean(0)
+    expect = -(p * p.log()).sum(-1).mean() + (mean_p * mean_p.log()).sum()
+    assert code_entropy_loss(cos, 0.1).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_entropy_term_enters_the_total_and_reaches_the_encoder(tiny_tokenizer):
+    tok = tiny_tokenizer.train()
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 8, 32, 32)
+    assert tok(video).entropy_loss is None  # off unless a temperature is given
+    out = tok(video, entropy_temperature=0.05)
+    args = LossArguments(perceptual_backend="none", vq_weight=0.1, prior_weight=0.06, entropy_weight=0.5,
+                         entropy_temperature=0.05)
+    g = TokenizerLoss(args).generator(video, out)
+    assert g.entropy.item() == pytest.approx(out.entropy_loss.item())
+    assert g.total.item() == pytest.approx((g.l1 + 0.1 * g.vq + 0.06 * g.prior + 0.5 * g.entropy).item(), rel=1e-5)
+    tok.zero_grad()
+    out.entropy_loss.backward()
+    assert tok.bottleneck.in_linear.weight.grad.abs().sum() > 0  # through the affinities
+    assert tok.bottleneck.regularizer.embedding.weight.grad.abs().sum() > 0
+    assert tok.final_layer.linear.weight.grad is None or tok.final_layer.linear.weight.grad.abs().sum() == 0

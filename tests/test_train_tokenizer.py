@@ -49,6 +49,8 @@ def test_unknown_keys_are_rejected_with_the_valid_list(tmp_path):
         parse_config(["--preset", "larp-huge"])
     with pytest.raises(FileNotFoundError):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="entropy_temperature must be > 0"):
+        parse_config(["--config", str(TINY), "--entropy_weight", "0.1", "--entropy_temperature", "0"])
 
 
 def test_deepspeed_json_auto_fields_are_filled():
@@ -201,9 +203,11 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(full_run, synthet
 def test_bf16_zero2_run_learns(synthetic_csvs, tmp_path):
     from larp_mllm import LARPTokenizer
 
-    run_train(tmp_path, synthetic_csvs, *COMMON, "--precision", "bf16")
+    run_train(tmp_path, synthetic_csvs, *COMMON, "--precision", "bf16", "--entropy_weight", "0.01")
     curve = recon_curve(tmp_path)
     assert sum(curve[-5:]) / 5 < 0.7 * curve[0]
+    entropy = [r["loss/entropy"] for r in log_rows(tmp_path) if "loss/entropy" in r]
+    assert len(entropy) == STEPS and all(e < 0 for e in entropy)  # the usage term is on (and in bf16: fp32 SVQ)
     tok = LARPTokenizer.from_pretrained(tmp_path / "final")
     assert next(tok.parameters()).dtype == torch.float32
 

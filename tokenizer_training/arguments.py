@@ -62,7 +62,8 @@ class DataArguments:
 
 @dataclass
 class LossArguments:
-    """L = l1 * |x - x^| + l2 * (x - x^)^2 + perceptual * LPIPS + gan * L_G + vq * loss_q + prior * L_prior.
+    """L = l1 * |x - x^| + l2 * (x - x^)^2 + perceptual * LPIPS + gan * L_G + vq * loss_q + prior * L_prior
+    + entropy * L_entropy.
 
     The reference (larp-spec 3.1) has no l2 term. Without the perceptual term, L1 alone drives a small model to the
     per-pixel median (the background: small moving objects vanish), so the CPU config trains with l2 instead."""
@@ -80,6 +81,9 @@ class LossArguments:
     lecam_reference_double_weight: bool = _f(False, "reproduce the reference bug: weight applied twice (1e-6)")
     vq_weight: float = _f(0.1, "weight of loss_q = 0.25*commit + 1.0*codebook")
     prior_weight: float = _f(0.06, "weight of the prior CE; 0 trains without the prior (its params frozen)")
+    entropy_weight: float = _f(0.0, "codebook-usage (entropy) term: mean token entropy - entropy of the batch's "
+                               "mean code distribution, on softmax(cos / entropy_temperature); 0 = off (reference)")
+    entropy_temperature: float = _f(0.01, "temperature of the entropy term's softmax (reference config: 0.01)")
 
 
 @dataclass
@@ -225,8 +229,9 @@ def check_config(cfg: TrainConfig) -> None:
     need(lo.perceptual_backend != "lpips-vgg" or lo.perceptual_weights is not None,
          "perceptual_backend 'lpips-vgg' needs perceptual_weights (a path to the user's LPIPS-VGG weights)")
     weights = (lo.l1_weight, lo.l2_weight, lo.perceptual_weight, lo.gan_weight, lo.lecam_weight, lo.vq_weight,
-               lo.prior_weight)
+               lo.prior_weight, lo.entropy_weight)
     need(min(weights) >= 0, "loss weights must be >= 0")
+    need(lo.entropy_temperature > 0, f"entropy_temperature must be > 0, got {lo.entropy_temperature}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Losses of LARP tokenizer training (larp-spec 3.1).
 
-Generator:      L = l1 * mean|x - x^| + l2 * mean (x - x^)^2 + perceptual * LPIPS(x, x^) + gan * L_G + vq * loss_q + prior * L_prior
+Generator:      L = l1 * mean|x - x^| + l2 * mean (x - x^)^2 + perceptual * LPIPS(x, x^) + gan * L_G + vq * loss_q
+                    + prior * L_prior + entropy * L_entropy (codebook usage; off in the reference)
 Discriminator:  L_D = BCE(D(x), 1 - |N(0,1)| s, >= 0.7) + BCE(D(x^), |N(0,1)| s, <= 0.3) + lecam * R_LeCam
 
 `ns_smooth` is the non-saturating GAN loss with noisy labels; the generator term is -mean(logsigmoid(D(x^))) with a
@@ -36,6 +37,7 @@ class GeneratorLosses:
     gan: torch.Tensor
     vq: torch.Tensor
     prior: torch.Tensor
+    entropy: torch.Tensor
 
 
 @dataclass
@@ -135,10 +137,12 @@ class TokenizerLoss(nn.Module):
         l1, l2 = diff.abs().mean(), diff.square().mean()
         perc = perceptual_video(self.perceptual, video, recon) if self.perceptual is not None else zero
         prior = out.prior_loss.float() if out.prior_loss is not None and a.prior_weight > 0 else zero
+        entropy = out.entropy_loss.float() if out.entropy_loss is not None and a.entropy_weight > 0 else zero
         vq = out.vq_loss.float()
         total = (a.l1_weight * l1 + a.l2_weight * l2 + a.perceptual_weight * perc + a.vq_weight * vq
-                 + a.prior_weight * prior)
-        base = GeneratorLosses(total, l1.detach(), l2.detach(), perc.detach(), zero, vq.detach(), prior.detach())
+                 + a.prior_weight * prior + a.entropy_weight * entropy)
+        base = GeneratorLosses(total, l1.detach(), l2.detach(), perc.detach(), zero, vq.detach(), prior.detach(),
+                               entropy.detach())
         return self.add_adversarial(base, fake_logits)
 
     def add_adversarial(self, losses: GeneratorLosses, fake_logits: Optional[torch.Tensor]) -> GeneratorLosses:

@@ -126,12 +126,13 @@ def make_engine(module: torch.nn.Module, groups: list[dict], cfg: TrainConfig, d
     return engine
 
 
-def forward_or_none(engine, video: torch.Tensor, ratio: float, with_prior: bool):
+def forward_or_none(engine, video: torch.Tensor, ratio: float, with_prior: bool,
+                    entropy_temperature: Optional[float] = None):
     """The tokenizer's training forward, or None for an empty batch. Non-finite activations come back as
     non-finite losses (the SVQ samples uniformly from NaN rows), which the caller counts and skips."""
     if video.shape[0] == 0:
         return None
-    return engine(video, ss_ratio=ratio, with_prior=with_prior)
+    return engine(video, ss_ratio=ratio, with_prior=with_prior, entropy_temperature=entropy_temperature)
 
 
 def set_lrs(engine, base_lr: float, group_mults: list[float]) -> None:
@@ -165,6 +166,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tok.encoder.gradient_checkpointing = tok.decoder.gradient_checkpointing = cfg.model.gradient_checkpointing
     c = tok.config
     use_prior = lcfg.prior_weight > 0 and tok.prior_model is not None
+    entropy_temperature = lcfg.entropy_temperature if lcfg.entropy_weight > 0 else None
     if tok.prior_model is not None and not use_prior:
         tok.prior_model.requires_grad_(False)
     use_gan = lcfg.gan_weight > 0 and t.disc_every > 0
@@ -260,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             d_due = use_gan and disc_step_due(step, t.disc_every, t.disc_start)
             video = batch.video.to(dist.device, non_blocking=True)
             with amp():
-                out = forward_or_none(g_engine, video, ratio, use_prior)
+                out = forward_or_none(g_engine, video, ratio, use_prior, entropy_temperature)
                 g_loss = loss_fn.generator(video, out) if out is not None else None  # all but the GAN term
                 d_due = d_due and out is not None
                 d_loss = loss_fn.discriminator(d_engine, video, out.recon, lecam) if d_due else None
@@ -298,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             g_engine.step()
             values = {"loss/total": g_loss.total.detach(), "loss/l1": g_loss.l1, "loss/l2": g_loss.l2,
                       "loss/perceptual": g_loss.perceptual,
-                      "loss/gan_g": g_loss.gan, "loss/vq": g_loss.vq, "loss/prior": g_loss.prior}
+                      "loss/gan_g": g_loss.gan, "loss/vq": g_loss.vq, "loss/prior": g_loss.prior,
+                      "loss/entropy": g_loss.entropy}
             if use_prior:
                 values["prior/top1"] = out.prior_top1
             if d_loss is not None:
