@@ -2,15 +2,21 @@
 
     OMP_NUM_THREADS=1 python bench/prior_ablation.py --out runs/prior_ablation    # ~15 min on 2 CPU cores
 
-1. Two tiny tokenizers are trained with `larp-train-tokenizer` (configs/tokenizer/larp_tiny_cpu.yaml), same seed
-   and steps, one with the prior loss (weight 0.06) and one without (weight 0, prior frozen).
+1. Tiny tokenizers are trained with `larp-train-tokenizer` (configs/tokenizer/larp_tiny_cpu.yaml), same seed and
+   steps: one without the prior loss (weight 0, prior frozen) and one per `--prior_weights` (default: the recipe's
+   0.06). Every arm adds the same codebook-usage term (`--entropy_weight`, default 0.01): without it the arm without
+   the prior collapsed onto ~5 codes in 3 of 4 seeds, and a low-entropy code stream has a low NLL for that reason
+   alone, so the arms were not comparable.
 2. Held-out synthetic clips (never seen by the tokenizers) are tokenized deterministically: every non-overlapping
-   window, plain and flipped. The held-out clips are split in two: a small causal transformer (the "AR model",
-   identical seed and schedule for both variants) is fitted on the codes of one half, and its next-token NLL is
-   measured on the other half (the AR model is early-stopped on a tenth of its fitting half).
-Prints JSON lines per variant: held-out NLL (nats/token), the held-out NLL of the code frequencies alone (unigram),
-the AR gain (unigram NLL - NLL: what the AR model learns beyond code frequencies), the codes' entropy and perplexity
-(usage), code usage, and the deterministic reconstruction PSNR of the held-out clips.
+   window, plain and flipped. A small causal transformer (the "AR model", identical seed and schedule for every
+   arm) is fitted on the codes of half of the held-out clips and scored on the other half, then the halves swap
+   (cross-fitting: every clip is scored once, by a model that never saw it); the AR model is early-stopped on a
+   tenth of its fitting half.
+Prints JSON lines per arm: held-out NLL (nats/token), the NLL of the code frequencies alone (unigram) and of the
+per-position frequencies, the AR gain (unigram NLL - NLL), the codes' entropy and perplexity (usage), code usage and
+the deterministic reconstruction PSNR; then one summary line per prior arm: NLL with / without, the usage
+(perplexity) ratio, the PSNR gap, whether they are comparable (ratio in [0.8, 1.25], gap <= 1 dB) and whether the
+prior lowered the NLL.
 """
 from __future__ import annotations
 
@@ -94,6 +100,22 @@ def unigram_nll(fit_codes: torch.Tensor, eval_codes: torch.Tensor, vocab: int) -
     return -(counts / counts.sum()).log()[eval_codes.flatten()].mean().item()
 
 
+def position_unigram_nll(fit_codes: torch.Tensor, eval_codes: torch.Tensor, vocab: int) -> float:
+    """NLL of `eval_codes` (M, N) under add-one-smoothed per-position code frequencies of `fit_codes`: what the
+    position alone predicts (the AR model's gain beyond this is what the context of earlier codes adds)."""
+    n = fit_codes.shape[1]
+    counts = torch.stack([torch.bincount(fit_codes[:, i], minlength=vocab) for i in range(n)]).double() + 1.0
+    log_p = (counts / counts.sum(-1, keepdim=True)).log()  # (N, K)
+    return -log_p.gather(1, eval_codes.t()).mean().item()
+
+
+def cross_fitted(metric, codes: torch.Tensor, clip: torch.Tensor, *args) -> float:
+    """Mean of `metric(fit, eval, *args)` over the two halves of the held-out clips (even / odd clip ids), each
+    half fitting once and evaluating once: every held-out clip is scored, by a model that never saw it."""
+    half = clip % 2 == 0
+    return 0.5 * (metric(codes[half], codes[~half], *args) + metric(codes[~half], codes[half], *args))
+
+
 @torch.no_grad()
 def heldout_codes(folder: Path, csv: Path, frames: int):
     """Deterministic codes of every window (plain + flipped) of the held-out clips, grouped by clip."""
@@ -111,17 +133,53 @@ def heldout_codes(folder: Path, csv: Path, frames: int):
     return codes, clip, psnr(recon, batch.video).mean().item(), tok.codebook_size
 
 
+def train_tokenizer(run: Path, train_csv: Path, heldout_csv: Path, prior_weight: float, args) -> Path:
+    """One arm: the tiny config with `prior_weight` (0 freezes the prior) and the shared overrides; skipped when
+    its final export exists (a rerun only re-measures)."""
+    if not (run / "final" / "model.safetensors").is_file():
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        cmd = [sys.executable, "-m", "tokenizer_training.train", "--config",
+               str(REPO / "configs/tokenizer/larp_tiny_cpu.yaml"), "--output_dir", str(run),
+               "--train_data", str(train_csv), "--val_data", str(heldout_csv), "--max_steps", str(args.steps),
+               "--checkpoint_every", str(args.steps), "--val_every", "0", "--seed", str(66667 + args.seed),
+               "--entropy_weight", str(args.entropy_weight), "--prior_weight", str(prior_weight), *args.extra]
+        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return run / "final"
+
+
+def measure(folder: Path, heldout_csv: Path, frames: int, args) -> dict[str, tuple[float, str]]:
+    """The ablation's figures for one trained tokenizer: {metric: (value, unit)}."""
+    codes, clip, rec_psnr, k = heldout_codes(folder, heldout_csv, frames)
+    nll = cross_fitted(fit_ar, codes, clip, k, args.ar_steps, args.seed)
+    unigram = cross_fitted(unigram_nll, codes, clip, k)
+    positional = cross_fitted(position_unigram_nll, codes, clip, k)
+    hist = torch.bincount(codes.flatten(), minlength=k).double()
+    prob = hist[hist > 0] / hist.sum()
+    entropy = -(prob * prob.log()).sum().item()
+    return {"heldout_nll": (nll, "nats/token"), "code_entropy": (entropy, "nats"),
+            "code_perplexity": (math.exp(entropy), "codes"), "heldout_unigram_nll": (unigram, "nats/token"),
+            "heldout_position_unigram_nll": (positional, "nats/token"), "ar_gain": (unigram - nll, "nats/token"),
+            "code_usage": ((hist > 0).double().mean().item(), "fraction"), "recon_psnr": (rec_psnr, "dB"),
+            "heldout_sequences": (float(codes.shape[0]), "sequences")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/prior_ablation")
-    p.add_argument("--steps", type=int, default=2000, help="tokenizer training steps (each variant); the tiny "
-                   "tokenizer starts using its codes after ~1200 steps")
+    p.add_argument("--steps", type=int, default=2000, help="tokenizer training steps (each variant)")
+    p.add_argument("--prior_weights", type=float, nargs="+", default=[0.06],
+                   help="prior loss weight of each 'with prior' arm (the recipe's 0.06; several give a dose-response)")
+    p.add_argument("--entropy_weight", type=float, default=0.01,
+                   help="codebook-usage term of every arm (0 = the tiny config as is: then the arm without the prior "
+                        "often collapses onto a handful of codes, and usage is no longer comparable)")
     p.add_argument("--ar_steps", type=int, default=1000, help="AR fitting steps (early-stopped on a held-back tenth)")
     p.add_argument("--per_class", type=int, default=64, help="synthetic training clips per class")
     p.add_argument("--heldout_per_class", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer overrides")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer overrides (every arm)")
     args = p.parse_args()
+    if any(w <= 0 for w in args.prior_weights):
+        p.error(f"--prior_weights must be > 0 (the arm without the prior always runs), got {args.prior_weights}")
     from larp_mllm.synthetic import make_synthetic_dataset
 
     out = Path(args.out)
@@ -134,32 +192,25 @@ def main() -> None:
     if not heldout_csv.is_file():
         make_synthetic_dataset(heldout_csv.parent, 4, args.heldout_per_class, seed=args.seed + 1000,
                                frames=2 * frames, size=32, **SET_STYLE)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    for variant, weight in (("with_prior", "0.06"), ("without_prior", "0")):
-        run = out / variant
-        if not (run / "final" / "model.safetensors").is_file():
-            cmd = [sys.executable, "-m", "tokenizer_training.train", "--config",
-                   str(REPO / "configs/tokenizer/larp_tiny_cpu.yaml"), "--output_dir", str(run),
-                   "--train_data", str(train_csv), "--val_data", str(heldout_csv), "--max_steps", str(args.steps),
-                   "--checkpoint_every", str(args.steps), "--val_every", "0", "--seed", str(66667 + args.seed),
-                   "--prior_weight", weight, *args.extra]
-            subprocess.run(cmd, cwd=REPO, env=env, check=True)
-        codes, clip, rec_psnr, k = heldout_codes(run / "final", heldout_csv, frames)
-        fit = clip % 2 == 0  # half of the held-out clips fit the AR model, the other half evaluate it
-        nll = fit_ar(codes[fit], codes[~fit], k, args.ar_steps, args.seed)
-        unigram = unigram_nll(codes[fit], codes[~fit], k)
-        hist = torch.bincount(codes.flatten(), minlength=k).double()
-        prob = hist[hist > 0] / hist.sum()
-        entropy = -(prob * prob.log()).sum().item()
-        common = {"bench": "prior_ablation", "variant": variant, "device": "cpu", "tokenizer_steps": args.steps,
-                  "heldout_sequences": int(codes.shape[0])}
-        for metric, value, unit in (("heldout_nll", nll, "nats/token"), ("code_entropy", entropy, "nats"),
-                                    ("code_perplexity", math.exp(entropy), "codes"),
-                                    ("heldout_unigram_nll", unigram, "nats/token"),
-                                    ("ar_gain", unigram - nll, "nats/token"),
-                                    ("code_usage", (hist > 0).double().mean().item(), "fraction"),
-                                    ("recon_psnr", rec_psnr, "dB")):
+    arms = [("without_prior", 0.0)] + [(f"prior_{w:g}", w) for w in args.prior_weights]
+    results = {}
+    for variant, weight in arms:
+        folder = train_tokenizer(out / variant, train_csv, heldout_csv, weight, args)
+        results[variant] = measure(folder, heldout_csv, frames, args)
+        common = {"bench": "prior_ablation", "variant": variant, "prior_weight": weight, "device": "cpu",
+                  "tokenizer_steps": args.steps, "entropy_weight": args.entropy_weight, "seed": args.seed}
+        for metric, (value, unit) in results[variant].items():
             print(json.dumps({**common, "metric": metric, "value": round(value, 4), "unit": unit}), flush=True)
+    base = results["without_prior"]
+    for variant, weight in arms[1:]:  # the criterion: lower NLL at comparable usage and reconstruction
+        r = results[variant]
+        usage_ratio = r["code_perplexity"][0] / base["code_perplexity"][0]
+        psnr_gap = r["recon_psnr"][0] - base["recon_psnr"][0]
+        print(json.dumps({"bench": "prior_ablation", "metric": "summary", "variant": variant, "seed": args.seed,
+                          "nll_with": round(r["heldout_nll"][0], 4), "nll_without": round(base["heldout_nll"][0], 4),
+                          "perplexity_ratio": round(usage_ratio, 3), "psnr_gap_db": round(psnr_gap, 2),
+                          "comparable": 0.8 <= usage_ratio <= 1.25 and abs(psnr_gap) <= 1.0,
+                          "prior_lowers_nll": r["heldout_nll"][0] < base["heldout_nll"][0]}), flush=True)
 
 
 if __name__ == "__main__":
