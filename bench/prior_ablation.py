@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-SET_STYLE = dict(background="plain", object_size="large")  # the tiny config's synthetic set
+TINY_CONFIG = REPO / "configs/tokenizer/larp_tiny_cpu.yaml"
 
 
 class TinyAR(nn.Module):
@@ -139,7 +139,7 @@ def train_tokenizer(run: Path, train_csv: Path, heldout_csv: Path, prior_weight:
     if not (run / "final" / "model.safetensors").is_file():
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         cmd = [sys.executable, "-m", "tokenizer_training.train", "--config",
-               str(REPO / "configs/tokenizer/larp_tiny_cpu.yaml"), "--output_dir", str(run),
+               str(TINY_CONFIG), "--output_dir", str(run),
                "--train_data", str(train_csv), "--val_data", str(heldout_csv), "--max_steps", str(args.steps),
                "--checkpoint_every", str(args.steps), "--val_every", "0", "--seed", str(66667 + args.seed),
                "--entropy_weight", str(args.entropy_weight), "--prior_weight", str(prior_weight), *args.extra]
@@ -181,17 +181,20 @@ def main() -> None:
     if any(w <= 0 for w in args.prior_weights):
         p.error(f"--prior_weights must be > 0 (the arm without the prior always runs), got {args.prior_weights}")
     from larp_mllm.synthetic import make_synthetic_dataset
+    from tokenizer_training.arguments import parse_config
 
+    data_cfg = parse_config(["--config", str(TINY_CONFIG)]).data  # the tiny config's synthetic set style
+    style = dict(background=data_cfg.synthetic_background, object_size=data_cfg.synthetic_object_size)
     out = Path(args.out)
     frames = 8
     train_csv = out / "data" / "train" / "synthetic.csv"
     heldout_csv = out / "data" / f"heldout_{args.heldout_per_class}" / "synthetic.csv"
     if not train_csv.is_file():
         make_synthetic_dataset(train_csv.parent, 4, args.per_class, seed=args.seed, frames=2 * frames, size=32,
-                               **SET_STYLE)
+                               **style)
     if not heldout_csv.is_file():
         make_synthetic_dataset(heldout_csv.parent, 4, args.heldout_per_class, seed=args.seed + 1000,
-                               frames=2 * frames, size=32, **SET_STYLE)
+                               frames=2 * frames, size=32, **style)
     arms = [("without_prior", 0.0)] + [(f"prior_{w:g}", w) for w in args.prior_weights]
     results = {}
     for variant, weight in arms:

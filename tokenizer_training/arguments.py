@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from larp_mllm.synthetic import BACKGROUNDS, OBJECT_SIZES
+
 __all__ = [
     "ModelArguments", "DataArguments", "LossArguments", "TrainArguments", "TrainConfig", "parse_config",
     "batch_layout", "deepspeed_config",
@@ -53,10 +55,10 @@ class DataArguments:
     num_workers: int = _f(0, "DataLoader workers per process")
     synthetic_classes: int = _f(4, "synthetic set: number of motion classes")
     synthetic_per_class: int = _f(16, "synthetic set: clips per class (train); val uses a quarter, other seed")
-    synthetic_background: str = _f("textured", "synthetic set: 'textured' or 'plain' backgrounds",
-                                   choices=["textured", "plain"])
-    synthetic_object_size: str = _f("small", "synthetic set: 'small' (10-18%% of the frame) or 'large' (20-30%%)",
-                                    choices=["small", "large"])
+    synthetic_background: str = _f("textured", "synthetic set: background style (larp_mllm.synthetic.BACKGROUNDS)",
+                                   choices=list(BACKGROUNDS))
+    synthetic_object_size: str = _f("small", "synthetic set: shape radius range (larp_mllm.synthetic.OBJECT_SIZES)",
+                                    choices=sorted(OBJECT_SIZES))
     val_batches: int = _f(2, "validation batches (per process) for PSNR/SSIM/perceptual")
 
 
