@@ -36,6 +36,9 @@ class ModelArguments:
     preset: str = _f("larp-tiny", "tokenizer preset (a key of larp_mllm.TOKENIZER_PRESETS)")
     init_from: Optional[str] = _f(None, "start from this LARPTokenizer folder instead of a random init")
     gradient_checkpointing: bool = _f(False, "recompute encoder/decoder blocks in backward (saves memory)")
+    prior_ce_temperature: Optional[float] = _f(
+        None, "temperature of the prior's cosine logits (default: the preset's, the reference's 1.0, where the "
+              "prior CE cannot fall far below ln K; lower values let it approach the codes' real NLL)")
     disc_dim: int = _f(512, "discriminator width (reference reproduce script: 512)")
     disc_depth: int = _f(12, "discriminator blocks (reference: 12)")
     disc_heads: int = _f(8, "discriminator attention heads (reference: 8)")
@@ -213,6 +216,8 @@ def check_config(cfg: TrainConfig) -> None:
 
     need(cfg.model.preset in TOKENIZER_PRESETS,
          f"preset must be one of {sorted(TOKENIZER_PRESETS)}, got {cfg.model.preset!r}")
+    need(cfg.model.prior_ce_temperature is None or cfg.model.prior_ce_temperature > 0,
+         f"prior_ce_temperature must be > 0, got {cfg.model.prior_ce_temperature}")
     need(t.global_batch_size >= 1, f"global_batch_size must be >= 1, got {t.global_batch_size}")
     need(t.micro_batch_size is None or t.micro_batch_size >= 1, "micro_batch_size must be >= 1")
     need(t.max_steps is None or t.max_steps >= 1, f"max_steps must be >= 1, got {t.max_steps}")

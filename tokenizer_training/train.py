@@ -162,6 +162,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     seed_all(t.seed)
     tok = LARPTokenizer.from_pretrained(cfg.model.init_from) if cfg.model.init_from else \
         LARPTokenizer.from_preset(cfg.model.preset)
+    if cfg.model.prior_ce_temperature is not None:  # a config field: saved with the model
+        tok.config.prior_ce_temperature = cfg.model.prior_ce_temperature
     tok.check_inputs = False  # the loader yields [0, 1] floats; skip the host-syncing range check
     tok.encoder.gradient_checkpointing = tok.decoder.gradient_checkpointing = cfg.model.gradient_checkpointing
     c = tok.config
