@@ -1,6 +1,7 @@
 """Does the prior loss make LARP codes easier for an AR model? A with / without ablation on the synthetic set.
 
-    OMP_NUM_THREADS=1 python bench/prior_ablation.py --out runs/prior_ablation    # ~15 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python bench/prior_ablation.py --out runs/prior_ablation --seed 0   # ~20 min on 2 CPU cores
+    python bench/prior_ablation.py --aggregate runs/seed*.log          # pool the printed lines of several seeds
 
 1. Tiny tokenizers are trained with `larp-train-tokenizer` (configs/tokenizer/larp_tiny_cpu.yaml), same seed and
    steps: one without the prior loss (weight 0, prior frozen) and one per `--prior_weights` (default: the recipe's
@@ -8,15 +9,17 @@
    the prior collapsed onto ~5 codes in 3 of 4 seeds, and a low-entropy code stream has a low NLL for that reason
    alone, so the arms were not comparable.
 2. Held-out synthetic clips (never seen by the tokenizers) are tokenized deterministically: every non-overlapping
-   window, plain and flipped. A small causal transformer (the "AR model", identical seed and schedule for every
-   arm) is fitted on the codes of half of the held-out clips and scored on the other half, then the halves swap
-   (cross-fitting: every clip is scored once, by a model that never saw it); the AR model is early-stopped on a
-   tenth of its fitting half.
-Prints JSON lines per arm: held-out NLL (nats/token), the NLL of the code frequencies alone (unigram) and of the
-per-position frequencies, the AR gain (unigram NLL - NLL), the codes' entropy and perplexity (usage), code usage and
-the deterministic reconstruction PSNR; then one summary line per prior arm: NLL with / without, the usage
-(perplexity) ratio, the PSNR gap, whether they are comparable (ratio in [0.8, 1.25], gap <= 1 dB) and whether the
-prior lowered the NLL.
+   window, plain and flipped. Two small causal transformers (the "AR models", identical seed and schedule for every
+   arm) are fitted on the codes of half of the held-out clips and scored on the other half, then the halves swap
+   (cross-fitting: every clip is scored once, by a model that never saw it); each is early-stopped on a tenth of its
+   fitting half. One reads codes as plain learned embeddings (as the reference's AR generator does), the other
+   through MLPs over the frozen code vectors, as our LLM adapter does (`llm_adapters.adapter`).
+Prints JSON lines per arm: held-out NLL under both AR models (nats/token), the NLL of the code frequencies alone
+(unigram) and of the per-position frequencies, the AR gain (unigram NLL - NLL), the codes' entropy and perplexity
+(usage), code usage and the deterministic reconstruction PSNR; then one summary line per prior arm: NLL with /
+without, the usage (perplexity) ratio, the PSNR gap, whether they are comparable (ratio in [0.8, 1.25], gap <= 1 dB)
+and whether the prior lowered the NLL. `--aggregate` pairs the arms of several seeds and fits the change in NLL
+against the change in PSNR: its intercept is the NLL change at equal reconstruction quality.
 """
 from __future__ import annotations
 
@@ -37,27 +40,41 @@ TINY_CONFIG = REPO / "configs/tokenizer/larp_tiny_cpu.yaml"
 
 
 class TinyAR(nn.Module):
-    """Causal transformer over code ids with a BOS token: codes (B, N) -> logits (B, N, K)."""
+    """Causal transformer over code ids with a learned BOS: codes (B, N) -> logits (B, N, K).
 
-    def __init__(self, vocab: int, length: int, dim: int = 64, layers: int = 2, heads: int = 4):
+    With `codebook` (K, d) it reads and writes codes the way our LLM adapter does (llm_adapters.adapter): input rows
+    and output rows are MLPs over the frozen code vectors, logits carry a learned temperature. Without it, codes
+    are plain learned embeddings and a linear head (the reference's AR generator)."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 64, layers: int = 2, heads: int = 4,
+                 codebook: torch.Tensor | None = None):
         super().__init__()
-        self.bos = vocab
-        self.embed = nn.Embedding(vocab + 1, dim)
+        if codebook is None:
+            self.embed, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        else:
+            from llm_adapters.adapter import VideoTokenEmbedding, VideoTokenHead
+
+            zeros, ones = torch.zeros(dim), torch.ones(dim)  # rows start RMS-normalised (shift 0, scale 1)
+            self.embed = VideoTokenEmbedding(codebook, dim, zeros, ones)
+            self.head = VideoTokenHead(codebook, dim, zeros, ones)
+        self.bos = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers)
-        self.head = nn.Linear(dim, vocab)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         b, n = codes.shape
-        inputs = torch.cat([torch.full((b, 1), self.bos, dtype=codes.dtype), codes[:, :-1]], dim=1)  # (B, N)
+        x = torch.cat([self.bos.expand(b, 1, -1), self.embed(codes[:, :-1])], dim=1)  # (B, N, D)
         mask = nn.Transformer.generate_square_subsequent_mask(n)
-        h = self.blocks(self.embed(inputs) + self.pos[:n], mask=mask, is_causal=True)  # (B, N, D)
-        return self.head(h)  # (B, N, K)
+        h = self.blocks(x + self.pos[:n], mask=mask, is_causal=True)  # (B, N, D)
+        return self.head(self.norm(h))  # (B, N, K)
 
 
-def fit_ar(fit_codes: torch.Tensor, eval_codes: torch.Tensor, vocab: int, steps: int, seed: int) -> float:
-    """Fit TinyAR on `fit_codes` (M, N); return the mean NLL (nats/token) on `eval_codes`.
+def fit_ar(fit_codes: torch.Tensor, eval_codes: torch.Tensor, vocab: int, steps: int, seed: int,
+           codebook: torch.Tensor | None = None) -> float:
+    """Fit TinyAR (codebook-aware when `codebook` is given) on `fit_codes` (M, N); return the mean NLL
+    (nats/token) on `eval_codes`.
 
     A tenth of `fit_codes` is held back for early stopping: the weights with the lowest NLL there (checked every 25
     steps) are the ones evaluated, so neither variant is judged on an overfitted model."""
@@ -66,7 +83,7 @@ def fit_ar(fit_codes: torch.Tensor, eval_codes: torch.Tensor, vocab: int, steps:
     order = torch.randperm(fit_codes.shape[0], generator=g)
     n_val = max(1, fit_codes.shape[0] // 10)
     val_codes, train_codes = fit_codes[order[:n_val]], fit_codes[order[n_val:]]
-    model = TinyAR(vocab, train_codes.shape[1])
+    model = TinyAR(vocab, train_codes.shape[1], codebook=codebook)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
 
     def nll(codes: torch.Tensor) -> float:
@@ -130,7 +147,7 @@ def heldout_codes(folder: Path, csv: Path, frames: int):
     clip = torch.cat([batch.index, batch.index])  # (2M,) held-out clip of each window
     codes = torch.cat([tok.tokenize(v, deterministic=True) for v in video.split(16)])  # (2M, N)
     recon = torch.cat([tok.decode_codes(c) for c in codes[: len(batch.video)].split(16)])
-    return codes, clip, psnr(recon, batch.video).mean().item(), tok.codebook_size
+    return codes, clip, psnr(recon, batch.video).mean().item(), tok.codebook()
 
 
 def train_tokenizer(run: Path, train_csv: Path, heldout_csv: Path, prior_weight: float, args) -> Path:
@@ -149,18 +166,57 @@ def train_tokenizer(run: Path, train_csv: Path, heldout_csv: Path, prior_weight:
 
 def measure(folder: Path, heldout_csv: Path, frames: int, args) -> dict[str, tuple[float, str]]:
     """The ablation's figures for one trained tokenizer: {metric: (value, unit)}."""
-    codes, clip, rec_psnr, k = heldout_codes(folder, heldout_csv, frames)
+    codes, clip, rec_psnr, codebook = heldout_codes(folder, heldout_csv, frames)
+    k = codebook.shape[0]
     nll = cross_fitted(fit_ar, codes, clip, k, args.ar_steps, args.seed)
+    nll_codebook = cross_fitted(fit_ar, codes, clip, k, args.ar_steps, args.seed, codebook)
     unigram = cross_fitted(unigram_nll, codes, clip, k)
     positional = cross_fitted(position_unigram_nll, codes, clip, k)
     hist = torch.bincount(codes.flatten(), minlength=k).double()
     prob = hist[hist > 0] / hist.sum()
     entropy = -(prob * prob.log()).sum().item()
-    return {"heldout_nll": (nll, "nats/token"), "code_entropy": (entropy, "nats"),
+    return {"heldout_nll": (nll, "nats/token"), "heldout_nll_codebook_ar": (nll_codebook, "nats/token"),
+            "code_entropy": (entropy, "nats"),
             "code_perplexity": (math.exp(entropy), "codes"), "heldout_unigram_nll": (unigram, "nats/token"),
             "heldout_position_unigram_nll": (positional, "nats/token"), "ar_gain": (unigram - nll, "nats/token"),
             "code_usage": ((hist > 0).double().mean().item(), "fraction"), "recon_psnr": (rec_psnr, "dB"),
             "heldout_sequences": (float(codes.shape[0]), "sequences")}
+
+
+def aggregate(logs: list[Path]) -> None:
+    """Pool the per-arm lines of several runs (one seed each) and print, per prior arm, the paired changes
+    (with - without) over seeds: NLL under both AR models, PSNR, how many seeds are comparable and how many of those
+    the prior wins, and the least-squares line dNLL = a + b * dPSNR over seeds, whose intercept `a` is the NLL change
+    expected at equal reconstruction quality (the prior can always buy NLL by reconstructing worse)."""
+    table: dict[tuple[int, str], dict[str, float]] = {}
+    for path in logs:
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.startswith('{"bench": "prior_ablation"') else {}
+            if "value" in row and "seed" in row:
+                table.setdefault((row["seed"], row["variant"]), {})[row["metric"]] = row["value"]
+    for variant in sorted({v for _, v in table if v != "without_prior"}):
+        pairs = [(table[s, variant], table[s, "without_prior"]) for s, v in sorted(table)
+                 if v == variant and (s, "without_prior") in table]
+        d_psnr = torch.tensor([a["recon_psnr"] - b["recon_psnr"] for a, b in pairs], dtype=torch.float64)
+        ratio = torch.tensor([a["code_perplexity"] / b["code_perplexity"] for a, b in pairs], dtype=torch.float64)
+        comparable = (ratio >= 0.8) & (ratio <= 1.25) & (d_psnr.abs() <= 1.0)
+        out = {"bench": "prior_ablation", "metric": "aggregate", "variant": variant, "seeds": len(pairs),
+               "mean_psnr_gap_db": round(d_psnr.mean().item(), 3), "comparable_seeds": int(comparable.sum())}
+        for ar, key in (("ids", "heldout_nll"), ("codebook", "heldout_nll_codebook_ar")):
+            if not all(key in a and key in b for a, b in pairs):
+                continue
+            d = torch.tensor([a[key] - b[key] for a, b in pairs], dtype=torch.float64)  # (S,)
+            design = torch.stack([torch.ones_like(d_psnr), d_psnr], dim=1)  # (S, 2)
+            coef = torch.linalg.lstsq(design, d.unsqueeze(1)).solution.squeeze(1) if len(d) >= 3 else \
+                torch.full((2,), float("nan"), dtype=torch.float64)  # (2,) intercept, slope: a line needs 3 seeds
+            sd = d.std().item() if len(d) > 1 else float("nan")
+            out.update({f"mean_dnll_{ar}": round(d.mean().item(), 4), f"sd_dnll_{ar}": round(sd, 4),
+                        f"paired_t_{ar}": round(d.mean().item() / (sd / math.sqrt(len(d))), 2) if len(d) > 1 else None,
+                        f"prior_lower_{ar}": int((d < 0).sum()),
+                        f"comparable_and_lower_{ar}": int(((d < 0) & comparable).sum()),
+                        f"dnll_at_equal_psnr_{ar}": None if coef.isnan().any() else round(coef[0].item(), 4),
+                        f"dnll_per_db_{ar}": None if coef.isnan().any() else round(coef[1].item(), 4)})
+        print(json.dumps(out), flush=True)
 
 
 def main() -> None:
@@ -176,8 +232,12 @@ def main() -> None:
     p.add_argument("--per_class", type=int, default=64, help="synthetic training clips per class")
     p.add_argument("--heldout_per_class", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aggregate", nargs="+", type=Path, metavar="LOG",
+                   help="only pool the printed lines of earlier runs (one per seed) and print per-arm aggregates")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer overrides (every arm)")
     args = p.parse_args()
+    if args.aggregate:
+        return aggregate(args.aggregate)
     if any(w <= 0 for w in args.prior_weights):
         p.error(f"--prior_weights must be > 0 (the arm without the prior always runs), got {args.prior_weights}")
     from larp_mllm.synthetic import make_synthetic_dataset
@@ -209,11 +269,15 @@ def main() -> None:
         r = results[variant]
         usage_ratio = r["code_perplexity"][0] / base["code_perplexity"][0]
         psnr_gap = r["recon_psnr"][0] - base["recon_psnr"][0]
+        nll = {ar: (r[key][0], base[key][0]) for ar, key in (("ids", "heldout_nll"),
+                                                              ("codebook", "heldout_nll_codebook_ar"))}
         print(json.dumps({"bench": "prior_ablation", "metric": "summary", "variant": variant, "seed": args.seed,
-                          "nll_with": round(r["heldout_nll"][0], 4), "nll_without": round(base["heldout_nll"][0], 4),
+                          "extra": " ".join(args.extra),
+                          **{f"nll_{ar}_{side}": round(v[i], 4) for ar, v in nll.items()
+                             for i, side in enumerate(("with", "without"))},
                           "perplexity_ratio": round(usage_ratio, 3), "psnr_gap_db": round(psnr_gap, 2),
                           "comparable": 0.8 <= usage_ratio <= 1.25 and abs(psnr_gap) <= 1.0,
-                          "prior_lowers_nll": r["heldout_nll"][0] < base["heldout_nll"][0]}), flush=True)
+                          **{f"prior_lowers_nll_{ar}": v[0] < v[1] for ar, v in nll.items()}}), flush=True)
 
 
 if __name__ == "__main__":
