@@ -183,6 +183,12 @@ def measure(folder: Path, heldout_csv: Path, frames: int, args) -> dict[str, tup
             "heldout_sequences": (float(codes.shape[0]), "sequences")}
 
 
+def comparable(perplexity_ratio, psnr_gap_db):
+    """The criterion's "comparable usage and reconstruction": perplexity ratio in [0.8, 1.25], PSNR gap <= 1 dB
+    (floats or tensors)."""
+    return (perplexity_ratio >= 0.8) & (perplexity_ratio <= 1.25) & (abs(psnr_gap_db) <= 1.0)
+
+
 def aggregate(logs: list[Path]) -> None:
     """Pool the per-arm lines of several runs (one seed each) and print, per prior arm, the paired changes
     (with - without) over seeds: NLL under both AR models, PSNR, how many seeds are comparable and how many of those
@@ -199,9 +205,9 @@ def aggregate(logs: list[Path]) -> None:
                  if v == variant and (s, "without_prior") in table]
         d_psnr = torch.tensor([a["recon_psnr"] - b["recon_psnr"] for a, b in pairs], dtype=torch.float64)
         ratio = torch.tensor([a["code_perplexity"] / b["code_perplexity"] for a, b in pairs], dtype=torch.float64)
-        comparable = (ratio >= 0.8) & (ratio <= 1.25) & (d_psnr.abs() <= 1.0)
+        same = comparable(ratio, d_psnr)  # (S,) bool
         out = {"bench": "prior_ablation", "metric": "aggregate", "variant": variant, "seeds": len(pairs),
-               "mean_psnr_gap_db": round(d_psnr.mean().item(), 3), "comparable_seeds": int(comparable.sum())}
+               "mean_psnr_gap_db": round(d_psnr.mean().item(), 3), "comparable_seeds": int(same.sum())}
         for ar, key in (("ids", "heldout_nll"), ("codebook", "heldout_nll_codebook_ar")):
             if not all(key in a and key in b for a, b in pairs):
                 continue
@@ -209,11 +215,11 @@ def aggregate(logs: list[Path]) -> None:
             design = torch.stack([torch.ones_like(d_psnr), d_psnr], dim=1)  # (S, 2)
             coef = torch.linalg.lstsq(design, d.unsqueeze(1)).solution.squeeze(1) if len(d) >= 3 else \
                 torch.full((2,), float("nan"), dtype=torch.float64)  # (2,) intercept, slope: a line needs 3 seeds
-            sd = d.std().item() if len(d) > 1 else float("nan")
+            sd = d.std().item() if len(d) > 1 else 0.0
             out.update({f"mean_dnll_{ar}": round(d.mean().item(), 4), f"sd_dnll_{ar}": round(sd, 4),
-                        f"paired_t_{ar}": round(d.mean().item() / (sd / math.sqrt(len(d))), 2) if len(d) > 1 else None,
+                        f"paired_t_{ar}": round(d.mean().item() / (sd / math.sqrt(len(d))), 2) if sd > 0 else None,
                         f"prior_lower_{ar}": int((d < 0).sum()),
-                        f"comparable_and_lower_{ar}": int(((d < 0) & comparable).sum()),
+                        f"comparable_and_lower_{ar}": int(((d < 0) & same).sum()),
                         f"dnll_at_equal_psnr_{ar}": None if coef.isnan().any() else round(coef[0].item(), 4),
                         f"dnll_per_db_{ar}": None if coef.isnan().any() else round(coef[1].item(), 4)})
         print(json.dumps(out), flush=True)
@@ -233,7 +239,8 @@ def main() -> None:
     p.add_argument("--heldout_per_class", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aggregate", nargs="+", type=Path, metavar="LOG",
-                   help="only pool the printed lines of earlier runs (one per seed) and print per-arm aggregates")
+                   help="only pool the printed lines of earlier runs (one setting, one seed per run) and print per-arm "
+                        "aggregates")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer overrides (every arm)")
     args = p.parse_args()
     if args.aggregate:
@@ -261,7 +268,8 @@ def main() -> None:
         folder = train_tokenizer(out / variant, train_csv, heldout_csv, weight, args)
         results[variant] = measure(folder, heldout_csv, frames, args)
         common = {"bench": "prior_ablation", "variant": variant, "prior_weight": weight, "device": "cpu",
-                  "tokenizer_steps": args.steps, "entropy_weight": args.entropy_weight, "seed": args.seed}
+                  "tokenizer_steps": args.steps, "entropy_weight": args.entropy_weight, "seed": args.seed,
+                  "extra": " ".join(args.extra)}
         for metric, (value, unit) in results[variant].items():
             print(json.dumps({**common, "metric": metric, "value": round(value, 4), "unit": unit}), flush=True)
     base = results["without_prior"]
@@ -276,7 +284,7 @@ def main() -> None:
                           **{f"nll_{ar}_{side}": round(v[i], 4) for ar, v in nll.items()
                              for i, side in enumerate(("with", "without"))},
                           "perplexity_ratio": round(usage_ratio, 3), "psnr_gap_db": round(psnr_gap, 2),
-                          "comparable": 0.8 <= usage_ratio <= 1.25 and abs(psnr_gap) <= 1.0,
+                          "comparable": bool(comparable(usage_ratio, psnr_gap)),
                           **{f"prior_lowers_nll_{ar}": v[0] < v[1] for ar, v in nll.items()}}), flush=True)
 
 
