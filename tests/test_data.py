@@ -14,6 +14,7 @@ from larp_mllm import data as data_mod
 from larp_mllm.data import (Clip, ClipBatch, ClipDataset, SkipCounter, Skipped, VideoRecord, build_chunk_index,
                             caption_csv_records, class_names_of, collate_clips, csv_records, folder_records,
                             ucf101_records, ucf_action)
+from larp_mllm.runtime.processes import loader_workers
 from larp_mllm.video_io import read_video, write_video
 
 # classInd.txt order (1-based, case-insensitive alphabetical as in the official file) and the folder names.
@@ -147,7 +148,7 @@ def messy_folder(tmp_path) -> Path:
 def _run(ds: ClipDataset, workers: int, batch_size: int = 2) -> tuple[list[ClipBatch], SkipCounter]:
     counter = SkipCounter()
     batches = []
-    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips):
+    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate_clips, **loader_workers(workers)):
         counter.update(batch)
         batches.append(batch)
     return batches, counter
@@ -224,6 +225,8 @@ def test_random_windows_reproducible_across_workers(messy_folder):
     ds.set_epoch(1)
     serial = torch.cat([b.video for b in _run(ds, workers=0, batch_size=3)[0]])
     parallel = torch.cat([b.video for b in _run(ds, workers=2, batch_size=2)[0]])
+    # exact: each clip is decoded, resized (per-pixel sums, no reduction split across threads) and flipped on its own,
+    # so neither the batch nor the worker processes' thread count enter its values
     assert torch.equal(serial, parallel)
     epochs = []
     for e in range(4):

@@ -229,7 +229,9 @@ def test_all_reduce_across_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "reduced.safetensors"
-    mp.start_processes(_all_reduce_worker, args=(2, port, str(out)), nprocs=2, start_method="fork")
+    # spawn, never fork: this process has already used torch's OpenMP pool, and a forked child inherits a pool with
+    # no threads (its first MKL GEMM can wait forever in libgomp's barrier, depending on the CPU).
+    mp.start_processes(_all_reduce_worker, args=(2, port, str(out)), nprocs=2, start_method="spawn")
     reduced, whole = FeatureStats.load(out), _stats(_gaussian(300, 8, seed=5))
     assert reduced.count == 300
     torch.testing.assert_close(reduced.sum_xxt, whole.sum_xxt, rtol=1e-12, atol=1e-9)
