@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .prior import PRIOR_PRESETS
+from .runtime.files import atomic_write_folder
 
 if TYPE_CHECKING:
     from .tokenizer import LARPTokenizer, LARPTokenizerConfig
@@ -178,25 +176,6 @@ def load_tokenizer_folder(
     except Exception as e:  # safetensors raises its own error types on truncated/corrupt files
         raise ValueError(f"cannot read {weights}: {e}") from e
     return config, state
-
-
-def atomic_write_folder(folder: str | Path, write: Any) -> None:
-    """Call write(tmp_dir) then move the finished folder into place, replacing any old one."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_tokenizer_folder(model: "LARPTokenizer", folder: str | Path) -> None:

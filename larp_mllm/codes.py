@@ -11,7 +11,8 @@ A code folder holds
 - ``manifest.json``: a ``CodeManifest`` (codebook hash, tokens per video, codebook size, LARP checkpoint, extraction
   settings, class names, one ``VideoEntry`` per video (path, label, class name, caption), one ``ShardEntry`` per shard).
 
-All files are written atomically (temporary file + ``os.replace``); a shard on disk is therefore complete.
+All files are written atomically (``larp_mllm.runtime.files.atomic_write``: a per-process temporary file, then
+``os.replace``); a shard on disk is therefore complete.
 
     codes = load_code_shards("runs/codes/ucf101_train")   # CodeSet: codes (M, N) int64, labels (M,), captions ...
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from larp_mllm.runtime.files import atomic_write, atomic_write_text, remove_stale_temporaries
 
 FORMAT = "larp-codes"
 FORMAT_VERSION = 1
@@ -96,7 +99,7 @@ class CodeManifest:
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        _atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
         return path
 
     @classmethod
@@ -147,13 +150,6 @@ class CodeSet:
 
     def __len__(self) -> int:
         return self.codes.shape[0]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def shard_file_name(shard: int, num_shards: int) -> str:
@@ -238,12 +234,14 @@ class CodeShardWriter:
             tensors["flip_codes"] = data.flip_codes.to(torch.int64).reshape(-1, self.num_tokens).to(code_dtype)
         header = ShardHeader(self.run_key, shard, self.num_shards, start, end, num_skipped, self.codebook_hash,
                              self.num_tokens, self.codebook_size)
-        path = self.shard_path(shard)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={_META_KEY: json.dumps(asdict(header))})
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shards are meant to be shared
-        os.replace(tmp, path)
-        return path
+
+        metadata = {_META_KEY: json.dumps(asdict(header))}
+
+        def save(tmp: Path) -> None:
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shards are meant to be shared
+
+        return atomic_write(self.shard_path(shard), save)
 
     def finalize(self, manifest: CodeManifest) -> Path:
         """Write ``manifest.json`` listing every shard; raises ValueError while shards are missing."""
@@ -256,8 +254,7 @@ class CodeShardWriter:
             with safe_open(str(self.shard_path(i)), framework="pt") as f:
                 n = f.get_slice("codes").get_shape()[0]
             manifest.shards.append(ShardEntry(self.shard_path(i).name, h.start, h.end, n, h.num_skipped))
-        for leftover in self.out_dir.glob(".codes-*.tmp"):  # from killed writers; every shard is on disk now
-            leftover.unlink(missing_ok=True)
+        remove_stale_temporaries(self.out_dir, "codes-*")  # from killed writers; every shard is on disk now
         return manifest.save(self.out_dir)
 
 

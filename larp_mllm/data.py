@@ -2,7 +2,7 @@
 
     records = ucf101_records("data/UCF-101", "data/ucfTrainTestlist", split=1, subset="train")
     ds = ClipDataset(records, num_frames=16, size=128, mode="random", seed=0, flip=True)
-    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=collate_clips)
+    loader = DataLoader(ds, batch_size=8, collate_fn=collate_clips, **loader_workers(2))  # spawned workers
     skips = SkipCounter()
     for epoch in range(epochs):
         ds.set_epoch(epoch)                      # new windows and flips every epoch, same for any worker count
@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from larp_mllm.runtime.files import atomic_write_text, build_once
 from larp_mllm.video_io import VIDEO_EXTENSIONS, Backend, VideoReader, pad_frames
 
 logger = logging.getLogger(__name__)
@@ -296,6 +297,33 @@ def _index_key(records: Sequence[VideoRecord], num_frames: int, pad_short: bool,
     return h.hexdigest()
 
 
+def _read_index_cache(cache: Path, key: str) -> tuple[list[int], dict[int, str]] | None:
+    """(frame counts, errors) from a chunk-index cache written for `key`; None if it is missing, stale or unreadable."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["frame_counts"], {int(k): v for k, v in cached["errors"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        logger.warning("ignoring an unreadable chunk-index cache at %s", cache)
+    return None
+
+
+def _count_frames(records: Sequence[VideoRecord], backend: Backend) -> tuple[list[int], dict[int, str]]:
+    """Frame count per record (-1: unreadable) and the unreadable ones' errors by record index."""
+    counts: list[int] = []
+    errors: dict[int, str] = {}
+    for i, r in enumerate(tqdm(records, desc="indexing videos", disable=None, leave=False)):
+        try:
+            with VideoReader(r.path, backend) as reader:
+                counts.append(reader.num_frames)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable", never fatal
+            counts.append(-1)
+            errors[i] = f"{type(e).__name__}: {e}"
+    return counts, errors
+
+
 def build_chunk_index(
     records: Sequence[VideoRecord],
     num_frames: int,
@@ -306,35 +334,29 @@ def build_chunk_index(
     """Count frames once per video and list every chunk; cached as JSON at ``cache_path`` (atomic write).
 
     The cache is keyed by the record paths, file sizes, ``num_frames``, ``pad_short`` and backend; a stale cache
-    is rebuilt. A video with ``n`` frames gives ``n // num_frames`` chunks (one padded chunk when 0 < n < num_frames
-    and ``pad_short``).
+    is rebuilt. Processes that build the same cache at once (every rank of a run) count the frames in one process
+    only, under a lock file beside the cache; the others read what it wrote. A video with ``n`` frames gives
+    ``n // num_frames`` chunks (one padded chunk when 0 < n < num_frames and ``pad_short``).
     """
     key = _index_key(records, num_frames, pad_short, backend)
-    cache = Path(cache_path) if cache_path is not None else None
-    counts: list[int] | None = None
-    errors: dict[int, str] = {}
-    if cache is not None and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                counts, errors = cached["frame_counts"], {int(k): v for k, v in cached["errors"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            logger.warning("ignoring an unreadable chunk-index cache at %s", cache)
-    if counts is None:
-        counts = []
-        for i, r in enumerate(tqdm(records, desc="indexing videos", disable=None, leave=False)):
-            try:
-                with VideoReader(r.path, backend) as reader:
-                    counts.append(reader.num_frames)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable", never fatal
-                counts.append(-1)
-                errors[i] = f"{type(e).__name__}: {e}"
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "num_frames": num_frames, "frame_counts": counts,
-                                       "errors": {str(k): v for k, v in errors.items()}}))
-            os.replace(tmp, cache)
+    if cache_path is None:
+        counts, errors = _count_frames(records, backend)
+    else:
+        cache = Path(cache_path)
+        read: dict[str, tuple[list[int], dict[int, str]] | None] = {}
+
+        def fresh(path: Path) -> bool:  # build_once asks before and after taking the lock; keep what it read
+            read["index"] = _read_index_cache(path, key)
+            return read["index"] is not None
+
+        def build() -> tuple[list[int], dict[int, str]]:
+            counts, errors = _count_frames(records, backend)
+            atomic_write_text(cache, json.dumps({"key": key, "num_frames": num_frames, "frame_counts": counts,
+                                                 "errors": {str(k): v for k, v in errors.items()}}))
+            return counts, errors
+
+        built = build_once(cache, build, done=fresh)
+        counts, errors = built if built is not None else read["index"]
     entries = []
     for i, n in enumerate(counts):
         num_chunks = n // num_frames if n >= num_frames else int(pad_short and n > 0)

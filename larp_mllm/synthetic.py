@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from larp_mllm.runtime.files import atomic_write
 from larp_mllm.video_io import write_video
 
 COLORS = {
@@ -161,13 +162,14 @@ def make_synthetic_dataset(
             write_video(video, out / rel, fps=fps)
             rows.append((len(rows), rel.as_posix(), spec.name, label, spec.caption(texture)))
     csv_path = out / "synthetic.csv"
-    tmp = out / f".synthetic.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "path", "action", "label", "caption"])
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "path", "action", "label", "caption"])
+            writer.writerows(rows)
+
+    return atomic_write(csv_path, write_csv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from larp_mllm.runtime.files import atomic_write
+
 Backend = Literal["auto", "av", "decord"]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 # suffix -> (container format, encoder, pixel format) for the PyAV writer
@@ -312,10 +314,6 @@ def _aligned(array: np.ndarray, alignment: int = 64) -> np.ndarray:
     return out
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf: int = 18) -> Path:
     """Write frames (3, T, H, W) or a batch (B, 3, T, H, W) tiled in a grid, float in [0, 1], to ``path``.
 
@@ -327,17 +325,9 @@ def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, c
     if suffix not in _ENCODERS and suffix != ".gif":
         raise ValueError(f"write_video writes .mp4, .mkv, .avi, .webm or .gif files, got {path.name!r}")
     array = _to_uint8_frames(frames)  # (T, H, W, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        if suffix == ".gif":
-            _write_gif(array, tmp, fps)
-        else:
-            _write_av(array, tmp, fps, crf, *_ENCODERS[suffix])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    if suffix == ".gif":
+        return atomic_write(path, lambda tmp: _write_gif(array, tmp, fps))  # the temporary name keeps the extension
+    return atomic_write(path, lambda tmp: _write_av(array, tmp, fps, crf, *_ENCODERS[suffix]))
 
 
 def _write_gif(array: np.ndarray, path: Path, fps: float) -> None:
@@ -411,11 +401,4 @@ def write_video_grid(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"write_video_grid writes a .png file, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -25,6 +24,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from larp_mllm.runtime.files import temporary_sibling
 
 from .adapter import (
     HybridEmbedding,
@@ -151,8 +152,8 @@ class VideoLLM:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
+        tmp = temporary_sibling(folder / "bundle", suffix="")  # folder/.bundle.tmp-<pid>-<random>
+        tmp.mkdir(parents=True)
         try:
             if self.config.lora or self.config.adapter == "rows":
                 self.model.save_pretrained(tmp, save_embedding_layers=False)

@@ -17,14 +17,14 @@ the layout ids. All added strings are special ``AddedToken(normalized=False)``: 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from larp_mllm.runtime.files import atomic_write_text
 
 VOCAB_FILE = "video_vocab.json"
 TEMPLATE_VERSION = 1
@@ -232,12 +232,7 @@ class VideoVocab:
         record.update(video_start_id=self.video_start_id, video_end_id=self.video_end_id,
                       video_uncond_id=self.video_uncond_id, video_offset=self.video_offset,
                       vocab_size=self.vocab_size)
-        path = folder / VOCAB_FILE
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".video_vocab.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(folder / VOCAB_FILE, json.dumps(record, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> "VideoVocab":

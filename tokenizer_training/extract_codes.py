@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
 from larp_mllm.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
+from larp_mllm.runtime.processes import loader_workers
 from larp_mllm.data import (ClipDataset, VideoRecord, caption_csv_records, collate_clips, csv_records,
                             folder_records, ucf101_records)
 
@@ -144,8 +145,8 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
     for s in shards:
         start, end = s * args.shard_size, min((s + 1) * args.shard_size, len(ds))
         plan += [(s, list(range(b, min(b + args.batch_size, end)))) for b in range(start, end, args.batch_size)]
-    loader = DataLoader(ds, batch_sampler=[idx for _, idx in plan], num_workers=args.num_workers,
-                        collate_fn=collate_clips, pin_memory=device.type == "cuda")
+    loader = DataLoader(ds, batch_sampler=[idx for _, idx in plan], collate_fn=collate_clips,
+                        pin_memory=device.type == "cuda", **loader_workers(args.num_workers))  # spawned, not forked
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     parts: list[ShardData] = []
     skipped = total_skipped = 0
