@@ -16,6 +16,9 @@ codebook must be the one the LLM was trained on. Class lists (`--class-id`, `/cl
 ``class_names.json`` / ``classes.txt`` in the model folder, or the code folder its ``training_args.json`` names.
 Videos are decoded by LARP, clamped to [0, 1] and written with `larp_mllm.video_io`; several samples are tiled in a
 grid in the mp4/gif.
+Prompts, class names and REPL lines are data: a control token string in them (``<|video_start|>``, ``<|im_end|>``,
+...) is encoded as plain text (`llm_adapters.prompts.PromptEncoder`), and file names made from them go through
+`larp_mllm.runtime.files.safe_filename`.
 """
 from __future__ import annotations
 
@@ -229,6 +232,7 @@ def write_outputs(result: ChatResult, vocab: VideoVocab, settings: ChatSettings,
     """Write the asked files (mp4/gif tile several samples in a grid); returns and records their paths."""
     from safetensors.torch import save_file
 
+    from larp_mllm.runtime.files import atomic_write
     from larp_mllm.video_io import write_video, write_video_grid
 
     videos = result.videos if len(result.videos) > 1 else result.videos[0]
@@ -237,13 +241,10 @@ def write_outputs(result: ChatResult, vocab: VideoVocab, settings: ChatSettings,
         labels = [f"seed {s}" for s in result.seeds]
         paths.append(write_video_grid(result.videos, grid, labels=labels))
     if codes is not None:
-        codes.parent.mkdir(parents=True, exist_ok=True)
-        tmp = codes.with_name(f".{codes.name}.tmp")
         meta = {"prompt": result.prompt, "seeds": json.dumps(result.seeds), "codebook_hash": vocab.codebook_hash,
                 "settings": json.dumps(dataclasses.asdict(settings))}
-        save_file({"codes": result.codes.contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(codes)
-        paths.append(codes)
+        tensors = {"codes": result.codes.contiguous()}
+        paths.append(atomic_write(codes, lambda tmp: save_file(tensors, str(tmp), metadata=meta)))
     result.paths += paths
     return paths
 
@@ -253,10 +254,14 @@ def _slug(text: str) -> str:
 
 
 def auto_paths(out_dir: Path, index: int, prompt: str, seed: int, formats: list[str]) -> dict[str, Path]:
-    stem = out_dir / f"{index:03d}_{_slug(prompt)}_s{seed}"
+    """Files `out_dir/NNN_<prompt words>_sSEED.<ext>`; the prompt (a class name, a chat line) is untrusted text, so
+    the name goes through `safe_filename`: it stays one plain file name inside `out_dir`."""
+    from larp_mllm.runtime.files import safe_filename
+
+    stem = safe_filename(f"{index:03d}_{_slug(prompt)}_s{seed}")
     suffix = {"mp4": ".mp4", "gif": ".gif", "png": ".png", "codes": ".safetensors"}
     key = {"mp4": "mp4", "gif": "gif", "png": "grid", "codes": "codes"}
-    return {key[f]: stem.with_suffix(suffix[f]) for f in formats}
+    return {key[f]: out_dir / f"{stem}{suffix[f]}" for f in formats}
 
 
 # ---- the interactive loop -----------------------------------------------------------------------------------

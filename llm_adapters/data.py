@@ -1,6 +1,6 @@
 """Training examples for the LLM stage: (prompt, codes) pairs read from code shards, formatted as chat turns.
 
-One example (ids; ``build_prompt_ids`` renders the base model's chat template, or a plain one)::
+One example (ids; ``prompts.PromptEncoder`` renders the base model's chat template, or a plain one)::
 
     input_ids = [chat prompt ... <|video_start|>] + [N code ids] + [<|video_end|>] (+ [eos])
     labels    = [-100 ...               -100    ] + [N code ids] + [<|video_end|>] (+ [-100])
@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from larp_mllm.codes import CodeSet
 
-from .prompts import build_prompt_ids, class_name_to_text
+from .prompts import PromptEncoder, class_name_to_text
 from .vocab import VideoVocab
 
 IGNORE_INDEX = -100
@@ -124,8 +124,9 @@ class VideoCodeDataset(Dataset):
         self.epoch = 0
         texts = example_texts(codes, prompt_source)
         unique = sorted(set(texts))
-        self._prompts: dict[str | None, list[int]] = {t: build_prompt_ids(tokenizer, vocab, t) for t in unique}
-        self._prompts[None] = build_prompt_ids(tokenizer, vocab, None)
+        encode = PromptEncoder(tokenizer, vocab)  # class names / captions are data: control strings stay text
+        self._prompts: dict[str | None, list[int]] = {t: encode(t) for t in unique}
+        self._prompts[None] = encode(None)
         self._texts = texts
         eos = tokenizer.eos_token_id
         if add_eos and eos is None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .prompts import build_prompt_ids
+from .prompts import PromptEncoder
 from .vocab import VideoVocab
 
 Fast = bool | Literal["auto"]
@@ -173,9 +173,10 @@ def pack_prompts(rows: Sequence[Sequence[int]], pad_id: int, device: torch.devic
 
 def prompt_rows(video_llm: Any, prompts: Sequence[str | None], cfg: bool) -> list[list[int]]:
     """Prompt ids of each prompt (None = unconditional), followed by as many unconditional rows when `cfg`."""
-    rows = [build_prompt_ids(video_llm.tokenizer, video_llm.vocab, p) for p in prompts]
+    encode = PromptEncoder(video_llm.tokenizer, video_llm.vocab)  # prompt texts are data: control strings stay text
+    rows = [encode(p) for p in prompts]
     if cfg:
-        rows += [build_prompt_ids(video_llm.tokenizer, video_llm.vocab, None)] * len(prompts)
+        rows += [encode(None)] * len(prompts)
     return rows
 
 

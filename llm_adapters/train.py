@@ -13,7 +13,8 @@ without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set); that glue li
 Checkpoints (``output_dir/checkpoint-N``) hold the whole VideoLLM bundle (LoRA + video adapter + tokenizer +
 video_vocab.json + video_llm.json, which records the base model and, for a GGUF base, its file name) plus the
 optimizer/scheduler/RNG state (DeepSpeed: its own ``global_stepN``), so ``--resume_from_checkpoint PATH`` (default: the
-last one in output_dir, if any; ``no`` to start over) continues the same run. The final bundle is written to
+last one in output_dir, if any; ``no`` to start over) continues the same run; PATH must be one of output_dir's own
+``checkpoint-N`` folders (resuming unpickles DeepSpeed's files). The final bundle is written to
 ``output_dir`` (load it with ``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json`` and
 ``class_names.json`` (the code manifest's class list, for ``larp-chat``; absent when the codes have no classes);
 TensorBoard logs go to ``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (full-vocabulary
@@ -25,7 +26,7 @@ import argparse
 import json
 import logging
 import math
-import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any, Sequence
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from larp_mllm.runtime.files import atomic_write_text
 
 from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id, video_token_stats
 from .launch import deepspeed_training_args, full_weights_on_load, gather_trainable
@@ -134,6 +137,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
     training = {f.name: values[f.name] for f in fields(TrainingArguments) if f.init}
     if not training.get("output_dir"):
         raise ValueError("output_dir is required (in the YAML or as --output_dir)")
+    if training.get("dataloader_num_workers", 0) > 0:  # workers are spawned: a child forked after torch has run
+        context = training.get("dataloader_multiprocessing_context")  # can hang in OpenMP (larp_mllm.runtime.processes)
+        if context not in (None, "spawn", "forkserver"):
+            raise ValueError(f"dataloader_multiprocessing_context {context!r}: use spawn (the default here) or "
+                             "forkserver; forked workers can deadlock in OpenMP after torch has run")
+        training["dataloader_multiprocessing_context"] = context or "spawn"
     return out[0], out[1], out[2], TrainingArguments(**deepspeed_training_args(training))
 
 
@@ -280,14 +289,34 @@ class VideoLLMTrainer(Trainer):
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write `value` as indented JSON to `path` atomically (temporary file, then os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write `value` as indented JSON to `path` atomically (a per-process temporary file, then os.replace)."""
+    atomic_write_text(path, json.dumps(value, indent=2, default=str))
+
+
+def check_own_checkpoint(path: str | Path, output_dir: str | Path) -> None:
+    """Raise ValueError unless `path` is one of this run's checkpoints: a `checkpoint-N` folder directly in
+    `output_dir` (both with symlinks resolved, so a link out of the run folder does not count).
+
+    Resuming unpickles files of the checkpoint: under DeepSpeed its engine states (`global_stepN/*.pt`, read with
+    `torch.load(weights_only=False)`); the plain Trainer reads optimizer / scheduler / RNG files with
+    `weights_only=True`. Only folders this run wrote itself are loaded.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    root, real = Path(output_dir).resolve(), Path(path).resolve()
+    if real.parent != root or not re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", real.name):
+        raise ValueError(
+            f"resume_from_checkpoint={str(path)!r} is not a checkpoint of this run: larp-train-llm resumes only from "
+            f"the checkpoint-N folders in its own output_dir ({root}), because resuming unpickles the checkpoint's "
+            f"DeepSpeed engine files (torch.load with weights_only=False), which can run any code their author put "
+            f"there. Leave resume_from_checkpoint unset (the last checkpoint of output_dir), or set --output_dir to "
+            f"the run folder that wrote it (copy a checkpoint into output_dir only if you trust where it came from)"
+        )
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """Checkpoint to resume from: a path; None/"last" = the last checkpoint in output_dir (if any); "no" = none."""
+    """Checkpoint to resume from: a path; None/"last" = the last checkpoint in output_dir (if any); "no" = none.
+    Only this run's own checkpoints are accepted (`check_own_checkpoint`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if value is not None and value.lower() in ("no", "none", "false"):
@@ -296,10 +325,13 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
         last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
         if last is None and value is not None:
             raise FileNotFoundError(f"resume_from_checkpoint={value!r} but {output_dir} holds no checkpoint-N folder")
-        return last
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"checkpoint folder {value} not found")
-    return value
+    else:
+        last = value
+    if last is not None:
+        check_own_checkpoint(last, output_dir)
+        if not Path(last).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {last} not found")
+    return last
 
 
 @dataclass
@@ -320,6 +352,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
     if not data_args.code_dir:
         raise ValueError("code_dir is required (a folder written by larp-extract-codes)")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before anything loads
     codes = load_code_shards(data_args.code_dir)
     larp = load_larp_tokenizer(model_args)
     check_code_set(codes, larp.codebook_hash(), larp.num_tokens, larp.codebook_size,
@@ -337,7 +370,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                                cond_dropout=data_args.cond_dropout, flip_prob=data_args.flip_prob,
                                seed=training_args.seed, max_length=min(limits) if limits else None,
                                add_eos=data_args.add_eos)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     logger.info("%d examples (longest %d tokens); %s", len(dataset), dataset.max_sequence_length,
                 video_llm.trainable_parameters())
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),

@@ -122,7 +122,9 @@ class TrainArguments:
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'", choices=["auto", "cpu", "cuda"])
     checkpoint_every: int = _f(1000, "write a resumable checkpoint every N steps (and at the end)")
     keep_last: int = _f(3, "keep the last K checkpoints")
-    resume: Optional[str] = _f(None, "'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder")
+    resume: Optional[str] = _f(None, "'auto' (latest checkpoint in output_dir, if any) or one of this run's "
+                               "checkpoint folders (output_dir/checkpoints/step_*; nothing from elsewhere: it holds "
+                               "pickles)")
     log_every: int = _f(10, "console/TensorBoard scalars every N steps")
     val_every: int = _f(0, "validation (PSNR/SSIM/perceptual) + reconstruction videos every N steps; 0 = end only")
     max_bad_steps: int = _f(20, "abort (after a checkpoint) when more than this many non-finite losses were skipped")
@@ -239,6 +241,10 @@ def check_config(cfg: TrainConfig) -> None:
                lo.prior_weight, lo.entropy_weight)
     need(min(weights) >= 0, "loss weights must be >= 0")
     need(lo.entropy_temperature > 0, f"entropy_temperature must be > 0, got {lo.entropy_temperature}")
+    if t.resume and t.resume != "auto":  # a checkpoint folder holds pickles: only this run's own are loaded
+        from tokenizer_training.checkpointing import check_own_checkpoint
+
+        check_own_checkpoint(t.resume, t.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -32,9 +32,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from larp_mllm.runtime.files import atomic_write_text
+
 __all__ = [
     "TrainerState", "ResumableSampler", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "remove_partial_checkpoints", "get_rng_state", "set_rng_state",
+    "list_checkpoints", "remove_partial_checkpoints", "get_rng_state", "set_rng_state", "resume_checkpoint",
+    "check_own_checkpoint",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -143,6 +146,37 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def check_own_checkpoint(path: str | Path, output_dir: str | Path) -> None:
+    """Raise ValueError unless `path` is one of this run's checkpoints: a `step_XXXXXXXX` folder directly in
+    `output_dir/checkpoints` (both with symlinks resolved, so a link out of the run folder does not count).
+
+    Resuming unpickles DeepSpeed's engine files (`torch.load(weights_only=False)` of the model and optimizer states),
+    which runs whatever code the file's author put in it; only files this run wrote itself are loaded.
+    """
+    root = (Path(output_dir) / "checkpoints").resolve()
+    real = Path(path).resolve()
+    if real.parent != root or not _STEP_DIR.match(real.name):
+        raise ValueError(
+            f"resume={str(path)!r} is not a checkpoint of this run: larp-train-tokenizer resumes only from the "
+            f"step_XXXXXXXX folders in its own output_dir ({root}), because loading a checkpoint unpickles "
+            f"DeepSpeed's model and optimizer files (torch.load with weights_only=False), which can run any code its "
+            f"author put there. Use --resume auto, or --output_dir set to the run folder that wrote the checkpoint "
+            f"(copy a checkpoint into <output_dir>/checkpoints/ only if you trust where it came from)"
+        )
+
+
+def resume_checkpoint(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint folder `--resume` names: None/"" -> None (a fresh start); "auto" -> the latest complete
+    checkpoint in `output_dir/checkpoints` (None when there is none); a path -> that folder. Either must pass
+    `check_own_checkpoint` (ValueError otherwise)."""
+    if not resume:
+        return None
+    path = latest_checkpoint(Path(output_dir) / "checkpoints") if resume == "auto" else Path(resume)
+    if path is not None:
+        check_own_checkpoint(path, output_dir)
+    return path
+
+
 def remove_partial_checkpoints(root: str | Path) -> list[Path]:
     """Delete `.tmp-*` folders left by a run killed while writing (call on one process only)."""
     root = Path(root)
@@ -180,11 +214,11 @@ def save_checkpoint(
     if os.environ.get(KILL_HOOK_ENV) == str(state.step):
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half written
     (tmp / "rng").mkdir(exist_ok=True)
-    _write_atomic(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(get_rng_state()))
+    atomic_write_text(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(get_rng_state()))
     export_model(tmp / "model")
     barrier()
     if rank == 0:
-        _write_atomic(tmp / "trainer_state.json", state.to_json())
+        atomic_write_text(tmp / "trainer_state.json", state.to_json())
         if final.exists():  # re-running the same step after a resume: replace
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -214,9 +248,3 @@ def load_checkpoint(path: str | Path, engines: dict, rank: int) -> TrainerState:
     else:  # resumed on more processes than wrote the checkpoint: continues, but not bit-exactly
         warnings.warn(f"{rng_file} missing (checkpoint written by fewer processes); this process keeps its own seed")
     return TrainerState.from_json(state_file.read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -30,9 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from larp_mllm.runtime.processes import loader_workers
 from tokenizer_training.arguments import TrainConfig, batch_layout, deepspeed_config, parse_config
 from tokenizer_training.checkpointing import (
-    ResumableSampler, TrainerState, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint,
+    ResumableSampler, TrainerState, load_checkpoint, remove_partial_checkpoints, resume_checkpoint, save_checkpoint,
 )
 from tokenizer_training.discriminator import DiscriminatorConfig, TransformerDiscriminator
 from tokenizer_training.losses import LeCamEMA, TokenizerLoss, build_perceptual
@@ -199,8 +200,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     sampler = ResumableSampler(len(train_ds), layout.micro_batch, dist.rank, dist.world, t.seed)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=layout.micro_batch, sampler=sampler, collate_fn=collate_clips,
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG
-        pin_memory=dist.device.type == "cuda", persistent_workers=False)
+        generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG
+        pin_memory=dist.device.type == "cuda", **loader_workers(cfg.data.num_workers))  # spawned, not forked
     steps_per_epoch = max(1, sampler.batches_per_epoch // layout.grad_accum)
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = min(total, t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch))
@@ -215,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ---------------------------------------------------------------- state (fresh or resumed)
     seed_all(t.seed + dist.rank)  # per-process sampling streams (SVQ, scheduled sampling, GAN label noise)
     state = TrainerState(config=cfg.to_dict())
-    resume_from = latest_checkpoint(ckpt_root) if t.resume == "auto" else (Path(t.resume) if t.resume else None)
+    resume_from = resume_checkpoint(t.resume, out_dir)  # only this run's own checkpoints (they hold pickles)
     if resume_from is not None:
         state = load_checkpoint(resume_from, engines, dist.rank)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
