@@ -18,12 +18,30 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4
 TRAIN_PER_CLASS = 48
 VAL_PER_CLASS = 6
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where each stage writes under the run folder (configs/llm/tiny_cpu.yaml names these for `runs/demo`)."""
+
+    data: Path  # the synthetic set: data/{train,val}/synthetic.csv
+    tokenizer_run: Path  # the tokenizer's training run (checkpoints, logs)
+    tokenizer: Path  # the trained tokenizer folder (config.json + model.safetensors)
+    codes: Path  # code shards of the training clips: codes / "train"
+    llm: Path  # the LoRA-trained LLM bundle
+    generated: Path  # videos written by larp-chat
+
+    @classmethod
+    def under(cls, out: Path) -> "DemoPaths":
+        return cls(out / "data", out / "tokenizer", out / "tokenizer" / "final", out / "codes", out / "llm",
+                   out / "generated")
 
 
 def banner(msg: str) -> None:
@@ -76,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         fn()
         timings[name] = time.time() - t0
 
-    data = out / "data"
-    tok_run, codes, llm_run, gen = out / "tokenizer", out / "codes", out / "llm", out / "generated"
-    tok_final = tok_run / "final"
+    paths = DemoPaths.under(out)
+    data, tok_run, tok_final, codes, llm_run, gen = (paths.data, paths.tokenizer_run, paths.tokenizer, paths.codes,
+                                                      paths.llm, paths.generated)
 
     banner(f"1/6 synthetic labelled video set: {CLASSES} classes, {TRAIN_PER_CLASS} train + {VAL_PER_CLASS} "
            "held-out clips per class")

@@ -7,13 +7,15 @@ Expensive pieces are cached per test session (per process) in temporary folders.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import io
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -206,3 +208,172 @@ def tiny_video_bundle(root: Path) -> Path:
 # The tiny models every adapter/model test runs on: (arch, tied embeddings, extra config.vocab_size rows).
 MODEL_VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
 MODEL_VARIANT_IDS = [f"{a}-{'tied' if t else 'untied'}-{e}" for a, t, e in MODEL_VARIANTS]
+
+
+# ---- comparing two float computations of the same thing --------------------------------------------------------
+# fp32 products of different shapes (a wider head, one token with a KV cache vs the whole sequence, another batch,
+# a merged LoRA, the fast path's video-row head) round differently, and how depends on the CPU (AVX2 / AVX-512, the
+# BLAS kernel picked for the shape). Such logits agree within LOGIT_RTOL of their scale (the largest |logit|): a few
+# fp32 roundings (2^-24 ~ 6e-8 each) per sum, amplified by at most 2 s - 1 by CFG at scale s; the comparisons of
+# these tests measured up to 7e-7 of the scale, so 1e-5 (~1e-4 absolute at a scale of ~10) leaves room.
+LOGIT_RTOL = 1e-5
+
+
+def logit_tol(*logits: torch.Tensor, rtol: float = LOGIT_RTOL) -> float:
+    """Absolute tolerance for comparing logits: `rtol` times their largest finite |value|."""
+    scale = max(float(x[torch.isfinite(x)].abs().max()) for x in logits if torch.isfinite(x).any())
+    return rtol * scale
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = LOGIT_RTOL) -> None:
+    """`actual` equals `expected` up to the rounding of another fp32 computation: |diff| <= rtol * max|expected|."""
+    torch.testing.assert_close(actual, expected, atol=logit_tol(expected, rtol=rtol), rtol=0)
+
+
+def decision_margin(logits: torch.Tensor, sampling: Any, u: float = 0.0) -> float:
+    """How far the choice `llm_adapters.generate` makes from `logits` (K,) is from a tie: a lower bound on the
+    largest |change| of a logit (in logit units) needed before the chosen index can change.
+
+    `sampling` is a `SamplingConfig` (temperature 0 = greedy argmax; else temperature -> top-k -> top-p ->
+    inverse-CDF draw with the uniform `u`). A change of at most e in every logit changes
+      * the argmax only if the top two are within 2e;
+      * the top-k set only if the k-th and (k+1)-th largest are within 2e;
+      * the top-p set only if two neighbours at the cut swap (within 2e) or a mass before some token crosses top_p;
+      * the drawn index only if some normalised cdf value crosses u.
+    A normalised partial sum c of softmax(x) moves by at most c (1 - c) (exp(2e) - 1) when every logit moves by at
+    most e, so its crossing a threshold t needs e >= log1p(|c - t| / (c (1 - c))) / 2.
+    """
+    x = logits.double()
+    finite = torch.isfinite(x)
+    if int(finite.sum()) < 2:
+        return float("inf")  # one candidate: nothing to decide
+    if sampling.temperature == 0:
+        top = x[finite].topk(2).values
+        return float(top[0] - top[1]) / 2
+    temperature = sampling.temperature
+    z = x / temperature  # the margins below are in units of z = logits / temperature
+    margins = []
+    k = sampling.top_k
+    if 0 < k < int(finite.sum()):
+        ranked = z[finite].sort(descending=True).values
+        margins.append(float(ranked[k - 1] - ranked[k]) / 2)
+        z = z.masked_fill(z < ranked[k - 1], float("-inf"))
+    if sampling.top_p < 1.0:
+        ranked, order = z.sort(descending=True)  # (K,), the -inf of top-k last
+        p = ranked.softmax(-1)
+        before = p.cumsum(-1) - p  # mass of the tokens ranked above each token (non-decreasing)
+        drop = before > sampling.top_p
+        drop[0] = False  # as filter_logits: the top token always stays
+        movable = torch.isfinite(ranked)
+        movable[0] = False
+        margins.append(_crossing_margin(before[movable], sampling.top_p))
+        kept = int((~drop).sum())  # the kept tokens are the leading ones
+        for j in (kept - 2, kept - 1):  # neighbours at the cut swapping places changes the kept set
+            if j >= 0 and j + 1 < len(ranked) and bool(torch.isfinite(ranked[j + 1])):
+                margins.append(float(ranked[j] - ranked[j + 1]) / 2)
+        z = z.scatter(-1, order, ranked.masked_fill(drop, float("-inf")))
+    cdf = z.softmax(-1).cumsum(-1)
+    margins.append(_crossing_margin(cdf / cdf[-1], u))
+    return temperature * min(margins)
+
+
+def _crossing_margin(partial_sums: torch.Tensor, threshold: float) -> float:
+    """The least logit change (bound of `decision_margin`) that moves one of the normalised partial sums across
+    `threshold`; sums at 0 or 1 (no mass on one side) never move."""
+    c = partial_sums[(partial_sums > 0) & (partial_sums < 1)]
+    if not len(c):
+        return float("inf")
+    return float(((c - threshold).abs() / (c * (1 - c))).log1p().min()) / 2
+
+
+@dataclass
+class SampleRecord:
+    """The decisions behind one generated sample: per step the logits the code was chosen from (N, K) (after CFG and
+    the video-block constraint, before temperature/top-k/top-p), the uniforms (N,), the codes (N,), the settings."""
+
+    logits: torch.Tensor
+    uniforms: torch.Tensor
+    codes: torch.Tensor
+    sampling: Any
+
+
+@contextlib.contextmanager
+def record_decisions(steps: int) -> Iterator[list[SampleRecord]]:
+    """While active, record every decision of `llm_adapters.generate` (plain path and uncompiled fast path): yields
+    a list that holds one `SampleRecord` per generated sample, in prompt order, once the block exits.
+
+    Wraps `filter_logits` / `sample_codes`, which both decoding loops call once per step with the (B, K) logits of
+    the batch; `generate_video_codes` runs its batches one after another, `steps` (= N codes) calls each.
+    """
+    import llm_adapters.generate as gen
+
+    filter_logits, sample_codes = gen.filter_logits, gen.sample_codes
+    calls: list[tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]] = []
+    pending: list[tuple[torch.Tensor, Any]] = []
+
+    def recording_filter(logits, sampling):
+        pending.append((logits.detach().float().clone(), sampling))
+        return filter_logits(logits, sampling)
+
+    def recording_sample(logits, uniforms, greedy=False):
+        codes = sample_codes(logits, uniforms, greedy)
+        raw, sampling = pending.pop()
+        calls.append((raw, uniforms.detach().clone(), sampling, codes.detach().clone()))
+        return codes
+
+    records: list[SampleRecord] = []
+    gen.filter_logits, gen.sample_codes = recording_filter, recording_sample
+    try:
+        yield records
+    finally:
+        gen.filter_logits, gen.sample_codes = filter_logits, sample_codes
+    assert not pending and len(calls) % steps == 0, (len(calls), steps)
+    for i in range(0, len(calls), steps):
+        block = calls[i:i + steps]
+        for r in range(block[0][0].shape[0]):
+            records.append(SampleRecord(*(torch.stack([c[j][r] for c in block]) for j in (0, 1, 3)), block[0][2]))
+
+
+def greedy_record(out: Any, prompt_length: int, lo: int = 0, hi: int | None = None) -> SampleRecord:
+    """The `SampleRecord` of row 0 of a greedy `model.generate(..., output_scores=True,
+    return_dict_in_generate=True)`: the scores (after its logits processors) of the ids [lo, hi) at every step."""
+    from llm_adapters.generate import SamplingConfig
+
+    scores = torch.stack([s[0, lo:hi].float() for s in out.scores])  # (T, hi - lo)
+    codes = out.sequences[0, prompt_length:] - lo  # (T,)
+    return SampleRecord(scores, torch.zeros(len(codes)), codes, SamplingConfig(cfg_scale=1.0, temperature=0.0))
+
+
+def assert_same_samples(codes_a: torch.Tensor, codes_b: torch.Tensor, records_a: list[SampleRecord],
+                        records_b: list[SampleRecord] | None = None, rtol: float = LOGIT_RTOL) -> None:
+    """Two computations of the same generation (e.g. the fast and the plain path) chose the same codes (S, N), up to
+    near ties.
+
+    Per sample, at every step up to and including the first one where the codes differ (until then both saw the
+    same context), the logits of the two computations agree within `rtol` of the logit scale (`logit_tol`) and the
+    uniforms and settings are the same; and a step may choose differently only where a change of the logits within
+    that tolerance can change the choice (`decision_margin`). The samples are not compared after such a step (their
+    contexts differ). Without `records_b` (e.g. a compiled path that cannot be recorded) only the margin is checked.
+    """
+    assert codes_a.shape == codes_b.shape and len(records_a) == len(codes_a), (codes_a.shape, codes_b.shape)
+    tol = logit_tol(*(r.logits for r in records_a), rtol=rtol)
+    for i, (a, b) in enumerate(zip(codes_a, codes_b)):
+        ra = records_a[i]
+        assert torch.equal(ra.codes, a), f"sample {i}: the record does not hold these codes"
+        k = ra.logits.shape[-1]
+        assert 0 <= int(a.min()) and int(a.max()) < k and 0 <= int(b.min()) and int(b.max()) < k
+        differ = (a != b).nonzero()
+        first = int(differ[0]) if len(differ) else len(a)
+        seen = slice(0, min(first + 1, len(a)))  # the steps both computations made from the same context
+        rb = None if records_b is None else records_b[i]
+        if rb is not None:
+            assert torch.equal(rb.codes, b), f"sample {i}: the record does not hold these codes"
+            assert rb.sampling == ra.sampling, f"sample {i}: {rb.sampling} vs {ra.sampling}"
+            assert ra.sampling.temperature == 0 or torch.equal(rb.uniforms, ra.uniforms), f"sample {i}: uniforms"
+            torch.testing.assert_close(rb.logits[seen], ra.logits[seen], atol=tol, rtol=0,
+                                       msg=lambda m: f"sample {i}, steps {seen.start}..{seen.stop - 1}: {m}")
+        if first < len(a):
+            for r in (ra, rb) if rb is not None else (ra,):
+                margin = decision_margin(r.logits[first], r.sampling, float(r.uniforms[first]))
+                assert margin <= tol, (f"sample {i} step {first}: code {int(a[first])} vs {int(b[first])}, but the "
+                                       f"choice is {margin:.3g} from a tie (tolerance {tol:.3g})")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_fixtures import larp_tiny, tiny_video_bundle
+from llm_fixtures import assert_same_samples, larp_tiny, record_decisions, tiny_video_bundle
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -50,16 +50,21 @@ def test_one_shot_writes_playable_mp4_gif_grid_and_codes(assets, tmp_path, capsy
     codes = load_file(str(out / "codes.safetensors"))["codes"]
     llm = chat.load_video_llm(assets["bundle"])
     want = generate_video_codes(llm, ["playing violin"] * 2, cfg_scale=1.5, top_k=64, seed=4, progress=False)
-    assert torch.equal(codes, want)
+    assert torch.equal(codes, want)  # the same model, prompts, batch and path as the CLI's: the same computation
 
 
 def test_merged_checkpoint_gives_the_bundles_videos(assets, tmp_path):
     merged = merge_bundle(assets["bundle"], assets["base"], tmp_path / "merged")
     args = ["--larp", str(assets["larp"]), "--prompt", "a dog running", "--seed", "9", "--no-progress"]
-    chat.main(["--model", str(merged), *args, "--save-codes", str(tmp_path / "m.safetensors")])
-    chat.main(["--model", str(assets["bundle"]), *args, "--save-codes", str(tmp_path / "b.safetensors")])
-    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["codes"],
-                       load_file(str(tmp_path / "b.safetensors"))["codes"])
+    n = larp_tiny().num_tokens
+    with record_decisions(n) as merged_records:
+        chat.main(["--model", str(merged), *args, "--save-codes", str(tmp_path / "m.safetensors")])
+    with record_decisions(n) as bundle_records:
+        chat.main(["--model", str(assets["bundle"]), *args, "--save-codes", str(tmp_path / "b.safetensors")])
+    # the merged model has LoRA folded into its weights and the video rows written out (computed for all K codes at
+    # once): another fp32 computation of the same logits, so the same codes up to near ties
+    assert_same_samples(load_file(str(tmp_path / "m.safetensors"))["codes"],
+                        load_file(str(tmp_path / "b.safetensors"))["codes"], merged_records, bundle_records)
 
 
 def test_repl_through_stdin(assets, tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import re
 from pathlib import Path
@@ -36,72 +35,27 @@ def reference_key_set(enc_depth: int, dec_depth: int, prior_depth: int) -> set[s
     return keys
 
 
-def test_fixture_codes_and_reconstructions(reference_fixture):
+@torch.no_grad()
+def test_fixture_outputs_are_reproduced(reference_fixture):
+    """Fixture A: the reference's outputs from its own checkpoint. Codes exactly (an argmax over well-separated code
+    similarities); floats within 1e-4 absolute (fp32 on the CPU; different kernels round differently)."""
     tok = LARPTokenizer.from_pretrained(reference_fixture).eval()
     exp = load_file(str(reference_fixture / "expected_outputs.safetensors"))
     codes = tok.tokenize(exp["video"], deterministic=True)
     assert torch.equal(codes, exp["codes"])
-    with torch.no_grad():
-        q = tok.quantize(tok.encode(exp["video"]), deterministic=True)
-        encoded = tok.bottleneck.out_linear(q.quantized)
-        recon = tok.decode_latents(encoded)
+    # exact codes are a fair demand: every token's best code beats the runner-up by far more than rounding moves
+    cos = torch.nn.functional.normalize(tok.bottleneck.in_linear(tok.encode(exp["video"])), dim=-1) @ \
+        tok.codebook().t()  # (B, N, K)
+    top2 = cos.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-4
+    q = tok.quantize(tok.encode(exp["video"]), deterministic=True)
+    encoded = tok.bottleneck.out_linear(q.quantized)  # (B, N, D): the decoder-side latents
     torch.testing.assert_close(encoded, exp["encoded"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(recon, exp["recon"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(tok.decode_latents(encoded), exp["recon"], atol=1e-4, rtol=0)
     torch.testing.assert_close(tok.decode_codes(exp["codes"]), exp["decoded_from_codes"], atol=1e-4, rtol=0)
-
-
-def _prior_row0(prior, vector: torch.Tensor, codebook: torch.Tensor, attn_scale: torch.Tensor) -> torch.Tensor:
-    """Logits for position 1 from the code vector at position 0, with per-(layer, head) attention multipliers.
-
-    With one key, attention is the identity on v, so an attention-dropout mask is one multiplier per head:
-    0 (dropped) or 1 / (1 - p) (kept and rescaled).
-    """
-    heads = prior.blocks[0].attn.heads
-    h = prior.input_proj(vector.view(1, 1, -1)) + prior.pos_emb[:, :1]  # (1, 1, W)
-    for layer, blk in enumerate(prior.blocks):
-        v = blk.attn.value(blk.ln1(h)).view(1, 1, heads, -1) * attn_scale[layer].view(1, 1, heads, 1)
-        h = h + blk.attn.proj(v.reshape(1, 1, -1))
-        h = h + blk.mlp(blk.ln2(h))
-    return (torch.nn.functional.normalize(prior.head(prior.ln_f(h)), dim=-1) @ codebook.t())[0, 0]  # (K,)
-
-
-@torch.no_grad()
-def test_fixture_prior_logits_are_the_reference_eval_path_with_its_attention_dropout(reference_fixture):
-    """The fixture's `prior_logits` were computed by the reference's eval path, whose SDPA attention dropout
-    (p = 0.1) stays on in eval (larp-spec.md, the gptc bug), so they are one random draw, not reproducible to 1e-4
-    by any implementation without that draw's RNG state. What can be checked exactly: position 1 (one key, so each
-    head's dropout is a multiplier 0 or 1/0.9) equals ours under some dropout mask to 1e-5; and every other
-    position lies within the spread of our prior run with the same eval-time attention dropout."""
-    tok = LARPTokenizer.from_pretrained(reference_fixture).eval()
-    exp = load_file(str(reference_fixture / "expected_outputs.safetensors"))
-    prior, codebook = tok.prior_model, tok.codebook()
-    vectors = tok.bottleneck.regularizer.lookup(exp["codes"])  # (B, N, d)
-    keep = 1 / (1 - prior.blocks[0].attn.dropout)
-    cells = [(layer, head) for layer in range(len(prior.blocks)) for head in range(prior.blocks[0].attn.heads)]
-    clean = tok.prior_logits(exp["codes"])  # dropout off (our eval)
-    for b in range(vectors.shape[0]):
-        best = float("inf")
-        for k in range(3):  # masks with up to 2 dropped heads (P(<= 2 of 24) = 0.79)
-            for dropped in itertools.combinations(cells, k):
-                scale = torch.full((len(prior.blocks), prior.blocks[0].attn.heads), keep)
-                for layer, head in dropped:
-                    scale[layer, head] = 0.0
-                best = min(best, (_prior_row0(prior, vectors[b, 0], codebook, scale)
-                                  - exp["prior_logits"][b, 0]).abs().max().item())
-        assert best < 1e-5, f"sample {b}: no attention-dropout mask reproduces position 1 (best {best:.2e})"
-        # and the reference did not run dropout-free: our clean logits differ from the fixture's at position 1
-        assert (clean[b, 0] - exp["prior_logits"][b, 0]).abs().max() > 1e-3
-
-    # Other positions: the fixture's deviation from the dropout-free logits is within what eval-time attention
-    # dropout produces in our prior (200 draws), position by position.
-    for blk in prior.blocks:
-        blk.attn.training = True  # only SDPA's dropout_p (not the residual dropout module) turns on
-    torch.manual_seed(0)
-    draws = torch.stack([tok.prior_logits(exp["codes"]) for _ in range(200)])  # (200, B, N-1, K)
-    spread = (draws - clean).abs().amax(dim=-1)  # (200, B, N-1)
-    fixture_dev = (exp["prior_logits"] - clean).abs().amax(dim=-1)  # (B, N-1)
-    assert (fixture_dev <= spread.amax(dim=0) * 1.05).all(), (fixture_dev, spread.amax(dim=0))
-    assert (fixture_dev >= spread.amin(dim=0) * 0.95).all()
+    # teacher-forced prior logits for positions 1..N-1 (the fixture was made with the reference's eval-time prior
+    # attention dropout switched off, as ours is in eval)
+    torch.testing.assert_close(tok.prior_logits(exp["codes"]), exp["prior_logits"], atol=1e-4, rtol=0)
 
 
 def test_fixed_embeddings_equal_the_reference_buffers(reference_fixture):

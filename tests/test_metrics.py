@@ -23,7 +23,8 @@ def test_psnr_is_per_video_and_clamps():
     pred[0] += 0.1  # MSE 0.01 -> 20 dB
     pred[1] += 0.01  # MSE 1e-4 -> 40 dB
     torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 40.0]))
-    assert psnr(target, target).tolist() == [100.0, 100.0]  # MSE floored at 1e-10
+    # MSE floored at 1e-10; log10 may be rounded an ulp apart by the vectorised and the scalar math library
+    assert psnr(target, target).tolist() == pytest.approx([100.0, 100.0], rel=1e-6)
     over = target.clone()
     over[0] = 3.0  # clamped to 1 -> MSE 0.25 -> 6.02 dB
     assert psnr(over, target)[0].item() == pytest.approx(-10 * math.log10(0.25), rel=1e-6)
@@ -71,7 +72,9 @@ def test_reconstruction_metrics_and_perceptual():
     torch.testing.assert_close(m.ssim, ssim(pred, target))
     torch.testing.assert_close(m.perceptual, perceptual_distance(pred, target, net))
     assert m.perceptual.shape == (2,) and torch.all(m.perceptual > 0)
-    assert torch.all(perceptual_distance(target, target, net) == 0)
+    # a video against itself: its frames sit at two places of one batch, which conv kernels may round apart (~1e-7
+    # on unit-norm features, ~1e-14 once squared); a 1e-3 pixel noise already gives ~1e-6
+    torch.testing.assert_close(perceptual_distance(target, target, net), torch.zeros(2), atol=1e-9, rtol=0)
     assert reconstruction_metrics(pred, target).perceptual is None
     with pytest.raises(ValueError, match="equal shape"):
         psnr(pred, target[:1])

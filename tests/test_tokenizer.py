@@ -53,7 +53,7 @@ def test_deterministic_tokenize_is_repeatable_and_stochastic_varies(tiny_tokeniz
     x = video(2, tiny_tokenizer)
     a, b = tiny_tokenizer.tokenize(x), tiny_tokenizer.tokenize(x)
     assert torch.equal(a, b)
-    # tokens equal the nearest code on the unit sphere
+    # tokens equal the nearest code on the unit sphere (the same ops on the same tensors as the quantizer: exact)
     z = F.normalize(tiny_tokenizer.bottleneck.in_linear(tiny_tokenizer.encode(x)), dim=-1)
     assert torch.equal(a, (z @ tiny_tokenizer.codebook().t()).argmax(-1))
     samples = torch.stack([tiny_tokenizer.tokenize(x, deterministic=False) for _ in range(5)])
@@ -71,7 +71,9 @@ def test_stochastic_sampling_follows_softmax():
     expected = probs.double() * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 20.5, f"chi-square {chi2:.1f} over 5 dof (p < 0.001) for counts {counts} vs {expected}"
-    assert vq(z, deterministic=True).indices.item() == int(probs.argmax())
+    # deterministic = the mode: the argmax of the same cosines the quantizer computes (softmax's rounding could merge
+    # two close probabilities, so compare with the cosines themselves)
+    assert vq(z, deterministic=True).indices.item() == int((F.normalize(z, dim=-1) @ vq.codebook().t()).argmax())
 
 
 def test_straight_through_gradient_reaches_encoder_and_prior_loss_stays_local():
@@ -109,7 +111,8 @@ def test_prior_is_causal(tiny_tokenizer):
         changed = codes.clone()
         changed[0, j] = (changed[0, j] + 1) % tiny_tokenizer.codebook_size
         logits = tiny_tokenizer.prior_logits(changed)
-        # logits row i predicts position i + 1 from positions <= i: rows < j must not move
+        # logits row i predicts position i + 1 from positions <= i: rows < j must not move. Exact: the same shapes,
+        # each row of a product depends on its own inputs only, and the masked key adds exact zeros to attention
         assert torch.equal(logits[:, :j], base[:, :j]), f"changing code {j} moved an earlier prediction"
         if j < n - 1:
             assert not torch.allclose(logits[:, j], base[:, j]), "prediction ignores the previous code"

@@ -1,0 +1,20 @@
+"""configs/llm/tiny_cpu.yaml runs as its header says: the folders it reads are the ones the demo writes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from larp_mllm.demo import DemoPaths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_llm_config_reads_what_the_demo_writes():
+    values = yaml.safe_load((REPO / "configs" / "llm" / "tiny_cpu.yaml").read_text())
+    demo = DemoPaths.under(Path("runs/demo"))  # `make demo` runs with --out runs/demo
+    assert Path(values["larp_tokenizer"]) == demo.tokenizer
+    assert Path(values["code_dir"]) == demo.codes / "train"
+    assert Path(values["output_dir"]) != demo.llm  # a standalone run never resumes into the demo's finished run
+    header = (REPO / "configs" / "llm" / "tiny_cpu.yaml").read_text().split("# ---- model")[0]
+    assert "larp-train-llm --config configs/llm/tiny_cpu.yaml" in header and "make demo" in header
