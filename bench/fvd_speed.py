@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from larp_mllm.fvd import FeatureStats, frechet_distance, i3d_features, load_i3d
+from larp_mllm.eval.fvd import FeatureStats, frechet_distance, i3d_features, load_i3d
 
 
 def _emit(**fields) -> None:

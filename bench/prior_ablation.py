@@ -139,8 +139,9 @@ def cross_fitted(metric, codes: torch.Tensor, clip: torch.Tensor, *args, fit_eve
 def heldout_codes(folder: Path, csv: Path, frames: int):
     """Deterministic codes of every window (plain + flipped) of the held-out clips, grouped by clip."""
     from larp_mllm import LARPTokenizer
-    from larp_mllm.data import ClipDataset, collate_clips, csv_records
-    from larp_mllm.metrics import psnr
+    from larp_mllm.data.records import csv_records
+    from larp_mllm.data.clips import ClipDataset, collate_clips
+    from larp_mllm.eval.metrics import psnr
 
     tok = LARPTokenizer.from_pretrained(folder).eval()
     ds = ClipDataset(csv_records(csv), frames, tok.config.input_size, mode="chunks")
@@ -254,7 +255,7 @@ def main() -> None:
         p.error(f"--ar_fit_every must be >= 1, got {args.ar_fit_every}")
     if any(w <= 0 for w in args.prior_weights):
         p.error(f"--prior_weights must be > 0 (the arm without the prior always runs), got {args.prior_weights}")
-    from larp_mllm.synthetic import make_synthetic_dataset
+    from larp_mllm.data.synthetic import make_synthetic_dataset
     from tokenizer_training.arguments import parse_config
 
     data_cfg = parse_config(["--config", str(TINY_CONFIG)]).data  # the tiny config's synthetic set style

@@ -129,7 +129,7 @@ def _load_progress(stats_path: Path, codes_path: Path, plan: Plan, detector: str
     """(stats, codes done so far (k, N), seconds spent) of an earlier run of this shard, or empty ones."""
     from safetensors.torch import load_file
 
-    from larp_mllm.fvd import FeatureStats
+    from larp_mllm.eval.fvd import FeatureStats
 
     empty = (FeatureStats(400, detector, meta={"key": plan.key}),
              torch.zeros(0, plan.num_video_tokens, dtype=torch.long), 0.0)
@@ -162,7 +162,7 @@ def run_shard(llm: Any, larp: Any, i3d: Any, plan: Plan, out_dir: Path, index: i
     """Generate, decode and featurise shard `index` of `count` (resuming a partial run); returns its FeatureStats."""
     from tokenizer_training.evaluate import i3d_ready
 
-    from larp_mllm.fvd import i3d_features
+    from larp_mllm.eval.fvd import i3d_features
 
     stats_path, codes_path = shard_paths(out_dir, index, count)
     todo = shard_range(len(plan.labels), index, count)
@@ -192,7 +192,7 @@ def merge_shards(out_dir: Path, plan: Plan) -> tuple[Any, torch.Tensor, float, i
     """Sum the finished shards of one run: (FeatureStats, codes (M, N) in sample order, seconds, shard count)."""
     from safetensors.torch import load_file
 
-    from larp_mllm.fvd import FeatureStats
+    from larp_mllm.eval.fvd import FeatureStats
 
     counts = {int(p.name.split("_of_")[1].split(".")[0]) for p in out_dir.glob("shard_*_of_*.stats.safetensors")}
     if len(counts) != 1:
@@ -218,7 +218,7 @@ def write_grids(larp: Any, plan: Plan, codes: torch.Tensor, out_dir: Path, per_c
     """grids/<k>_<Class>.png: the first `per_class` samples of each class; grids/overview.png: one per class.
 
     The class name in a file name goes through `safe_filename` (a name from a real-set sidecar is untrusted text)."""
-    from larp_mllm.video_io import write_video_grid
+    from larp_mllm.data.video_write import write_video_grid
 
     first: dict[int, list[int]] = {}
     for j, label in enumerate(plan.labels):
@@ -240,7 +240,7 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
     """Merge the shards, compute gFVD against the real statistics, write report.json (+ grids); returns the report."""
     from tokenizer_training.evaluate import load_real_stats
 
-    from larp_mllm.fvd import fvd, fvd_note
+    from larp_mllm.eval.fvd import fvd, fvd_note
 
     plan = Plan.load(out_dir)
     fake, codes, seconds, count = merge_shards(out_dir, plan)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _real_set(args: argparse.Namespace, larp: Any, device: torch.device) -> Any:
     from tokenizer_training.evaluate import load_real_stats, real_stats
 
-    from larp_mllm.data import ucf101_records
+    from larp_mllm.data.records import ucf101_records
 
     if args.real_stats:
         return load_real_stats(args.real_stats)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                          "use a new --out-dir")
     plan.save(out_dir)
     llm.vocab.save(out_dir)  # lets --merge check the LARP checkpoint used for the grids
-    from larp_mllm.fvd import load_i3d
+    from larp_mllm.eval.fvd import load_i3d
 
     i3d = load_i3d(args.i3d, device)
     fast = {"auto": "auto", "on": True, "off": False}[args.fast]

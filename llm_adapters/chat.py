@@ -14,7 +14,7 @@ output: a plain HF model + ``video_vocab.json``).
 codebook must be the one the LLM was trained on. Class lists (`--class-id`, `/class K`) come from `--classes`
 (a text file with one name a line, a JSON list, or a code-shard folder with ``manifest.json``) or from
 ``class_names.json`` / ``classes.txt`` in the model folder, or the code folder its ``training_args.json`` names.
-Videos are decoded by LARP, clamped to [0, 1] and written with `larp_mllm.video_io`; several samples are tiled in a
+Videos are decoded by LARP, clamped to [0, 1] and written with `larp_mllm.data.video_io`; several samples are tiled in a
 grid in the mp4/gif.
 Prompts, class names and REPL lines are data: a control token string in them (``<|video_start|>``, ``<|im_end|>``,
 ...) is encoded as plain text (`llm_adapters.prompts.PromptEncoder`), and file names made from them go through
@@ -148,7 +148,7 @@ def load_class_names(model_dir: str | Path | None, classes: str | Path | None = 
 
 
 def _manifest_classes(folder: Path) -> list[str]:
-    from larp_mllm.codes import CodeManifest
+    from larp_mllm.data.codes import CodeManifest
 
     return list(CodeManifest.load(folder).class_names)
 
@@ -233,7 +233,7 @@ def write_outputs(result: ChatResult, vocab: VideoVocab, settings: ChatSettings,
     from safetensors.torch import save_file
 
     from larp_mllm.runtime.files import atomic_write
-    from larp_mllm.video_io import write_video, write_video_grid
+    from larp_mllm.data.video_write import write_video, write_video_grid
 
     videos = result.videos if len(result.videos) > 1 else result.videos[0]
     paths = [write_video(videos, p, fps=fps) for p in (mp4, gif) if p is not None]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from larp_mllm.codes import CodeSet
+from larp_mllm.data.codes import CodeSet
 
 from .prompts import PromptEncoder, class_name_to_text
 from .vocab import VideoVocab

@@ -348,7 +348,7 @@ class TrainOutcome:
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           training_args: TrainingArguments, callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Check the data, build the VideoLLM, train with the HF Trainer, save the bundle into output_dir."""
-    from larp_mllm.codes import load_code_shards
+    from larp_mllm.data.codes import load_code_shards
 
     if not data_args.code_dir:
         raise ValueError("code_dir is required (a folder written by larp-extract-codes)")

@@ -10,9 +10,9 @@ import torch
 from llm_fixtures import larp_tiny, tiny_video_bundle
 from safetensors.torch import load_file
 
-from larp_mllm.fvd import FeatureStats
-from larp_mllm.synthetic import class_specs, render_clip
-from larp_mllm.video_io import write_video
+from larp_mllm.eval.fvd import FeatureStats
+from larp_mllm.data.synthetic import class_specs, render_clip
+from larp_mllm.data.video_write import write_video
 from llm_adapters import benchmark
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "PlayingViolin"]

@@ -12,7 +12,7 @@ from llm_fixtures import assert_same_samples, larp_tiny, record_decisions, tiny_
 from PIL import Image
 from safetensors.torch import load_file
 
-from larp_mllm.video_io import read_video
+from larp_mllm.data.video_io import read_video
 from llm_adapters import chat
 from llm_adapters.generate import generate_video_codes
 from llm_adapters.model import extend_llm, merge_bundle
@@ -115,7 +115,7 @@ def test_loading_errors(assets, tmp_path):
 
 
 def test_class_names_found_through_training_args(tmp_path):
-    from larp_mllm.codes import CodeManifest
+    from larp_mllm.data.codes import CodeManifest
 
     codes = tmp_path / "codes"
     codes.mkdir()

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from larp_mllm import LARPTokenizer
-from larp_mllm.layers import get_1d_sincos_pos_embed, get_3d_sincos_pos_embed
+from larp_mllm.model.layers import get_1d_sincos_pos_embed, get_3d_sincos_pos_embed
 
 REFERENCE_DOC_KEYS = """encoder_latent_query_embed decoder_patch_query_token_type_embed encoder_patch_pe decoder_latent_pe
 decoder_patch_query_embed x_embedder.proj.weight x_embedder.proj.bias bottleneck.in_linear.weight
@@ -111,7 +111,7 @@ def write_reference_folder(folder: Path, base_config: dict, **changes) -> dict:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(cfg))
     # Build the weights with our own model under the reference key names, then perturb them all.
-    from larp_mllm.checkpoint import config_from_reference
+    from larp_mllm.model.checkpoint import config_from_reference
 
     model = LARPTokenizer(config_from_reference(cfg))
     torch.manual_seed(1)

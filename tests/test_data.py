@@ -1,4 +1,4 @@
-"""larp_mllm.data: record lists (CSV, UCF101 splits, folders, captions), ClipDataset sampling, skips, workers."""
+"""larp_mllm.data.records and .clips: record lists (CSV, UCF101 splits, folders, captions), ClipDataset sampling, skips, workers."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from larp_mllm import data as data_mod
-from larp_mllm.data import (Clip, ClipBatch, ClipDataset, SkipCounter, Skipped, VideoRecord, build_chunk_index,
-                            caption_csv_records, class_names_of, collate_clips, csv_records, folder_records,
-                            ucf101_records, ucf_action)
+from larp_mllm.data import clips as data_mod
+from larp_mllm.data.records import VideoRecord, caption_csv_records, class_names_of, csv_records, folder_records, ucf101_records, ucf_action
+from larp_mllm.data.clips import Clip, ClipBatch, ClipDataset, SkipCounter, Skipped, build_chunk_index, collate_clips
 from larp_mllm.runtime.processes import loader_workers
-from larp_mllm.video_io import read_video, write_video
+from larp_mllm.data.video_io import read_video
+from larp_mllm.data.video_write import write_video
 
 # classInd.txt order (1-based, case-insensitive alphabetical as in the official file) and the folder names.
 UCF_CLASSES = ["ApplyEyeMakeup", "Hammering", "HammerThrow", "HandstandPushups", "YoYo"]

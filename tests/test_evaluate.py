@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from larp_mllm.data import csv_records
-from larp_mllm.fvd import FeatureStats
+from larp_mllm.data.records import csv_records
+from larp_mllm.eval.fvd import FeatureStats
 from tokenizer_training.evaluate import i3d_ready, main, real_stats
 
 
 @pytest.fixture(scope="module")
 def synthetic_csv(tmp_path_factory) -> Path:
     """2 classes x 2 videos, 20 frames of 32x32 (fast to decode)."""
-    from larp_mllm.synthetic import make_synthetic_dataset
+    from larp_mllm.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), classes=2, per_class=2, frames=20, size=32)
 

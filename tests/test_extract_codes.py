@@ -1,4 +1,4 @@
-"""larp-extract-codes + larp_mllm.codes: shards, manifest, resume after a kill, ranks, dataset kinds."""
+"""larp-extract-codes + larp_mllm.data.codes: shards, manifest, resume after a kill, ranks, dataset kinds."""
 from __future__ import annotations
 
 import csv
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from larp_mllm import LARPTokenizer
-from larp_mllm.codes import CodeManifest, load_code_shards, read_shard
-from larp_mllm.data import ClipDataset, csv_records
-from larp_mllm.synthetic import make_synthetic_dataset
+from larp_mllm.data.codes import CodeManifest, load_code_shards, read_shard
+from larp_mllm.data.records import csv_records
+from larp_mllm.data.clips import ClipDataset
+from larp_mllm.data.synthetic import make_synthetic_dataset
 from tokenizer_training.extract_codes import main
 
 REPO = Path(__file__).resolve().parents[1]

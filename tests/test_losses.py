@@ -122,7 +122,7 @@ def test_perceptual_backend_none_and_stlpips():
 
 
 def test_code_entropy_loss_rewards_confident_spread_codes():
-    from larp_mllm.quantizer import code_entropy_loss
+    from larp_mllm.model.quantizer import code_entropy_loss
 
     k, t = 8, 0.01
     codebook = torch.eye(k)

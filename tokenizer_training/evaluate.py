@@ -44,10 +44,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp_mllm.data import ClipDataset, SkipCounter, VideoRecord, collate_clips, csv_records, folder_records, \
-    ucf101_records
-from larp_mllm.fvd import I3D_MIN_FRAMES, FeatureStats, fvd, fvd_note, load_i3d
-from larp_mllm.metrics import reconstruction_metrics
+from larp_mllm.data.clips import ClipDataset, SkipCounter, collate_clips
+from larp_mllm.data.records import VideoRecord, csv_records, folder_records, ucf101_records
+from larp_mllm.eval.fvd import I3D_MIN_FRAMES, FeatureStats, fvd, fvd_note, load_i3d
+from larp_mllm.eval.metrics import reconstruction_metrics
 from larp_mllm.runtime.files import atomic_write_json, build_once
 from larp_mllm.runtime.processes import loader_workers
 
@@ -130,7 +130,7 @@ class ReconResult:
     num_frames: int
     size: int
     i3d: str
-    fvd_note: str | None  # the caveat for an rFVD not made with the papers' I3D (larp_mllm.fvd.fvd_note)
+    fvd_note: str | None  # the caveat for an rFVD not made with the papers' I3D (larp_mllm.eval.fvd.fvd_note)
     perceptual_backend: str
     i3d_frames_padded_to: int | None
     seconds: float
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = _recon_parser().parse_args(argv)
     from larp_mllm import LARPTokenizer
-    from larp_mllm.perceptual import build_perceptual
+    from larp_mllm.eval.perceptual import build_perceptual
 
     records = records_from_args(args)
     if args.checkpoint:

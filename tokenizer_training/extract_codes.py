@@ -17,7 +17,7 @@ group is created) writes the shards ``i % WORLD_SIZE == RANK``. Each shard is wr
 key (a hash of the weights, the example list and every setting), so an interrupted run restarted with the same
 arguments skips the shards already written and produces the same files as an uninterrupted run. Whichever process
 finishes last (sees every shard on disk) writes ``manifest.json``; ``--finalize`` does only that step. Unreadable
-videos are skipped and counted (see ``larp_mllm.codes`` for the file format).
+videos are skipped and counted (see ``larp_mllm.data.codes`` for the file format).
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
-from larp_mllm.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
+from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
 from larp_mllm.runtime.processes import loader_workers
-from larp_mllm.data import (ClipDataset, VideoRecord, caption_csv_records, collate_clips, csv_records,
-                            folder_records, ucf101_records)
+from larp_mllm.data.records import VideoRecord, caption_csv_records, csv_records, folder_records, ucf101_records
+from larp_mllm.data.clips import ClipDataset, collate_clips
 
 logger = logging.getLogger("larp-extract-codes")
 

@@ -96,11 +96,11 @@ def build_perceptual(backend: str, weights: Optional[str] = None, device: str | 
     'stlpips': shift-tolerant LPIPS-VGG whose weights ship in the stlpips-pytorch package (offline default);
     'lpips-vgg': standard LPIPS-VGG (the reference's loss) from the user's weights: one file holding an
     ``lpips.LPIPS(net='vgg')`` state dict, or two comma-separated files (torchvision's ImageNet VGG16
-    ``vgg16-397923af.pth`` and the lpips package's ``lpips/weights/v0.1/vgg.pth``); see larp_mllm/perceptual.py.
+    ``vgg16-397923af.pth`` and the lpips package's ``lpips/weights/v0.1/vgg.pth``); see larp_mllm/eval/perceptual.py.
     """
     if backend == "none":
         return None
-    from larp_mllm.perceptual import build_perceptual as _build
+    from larp_mllm.eval.perceptual import build_perceptual as _build
 
     files = [w.strip() for w in weights.split(",")] if weights else None
     net = _build(backend=backend, weights=files[0] if files and len(files) == 1 else files, device=device)

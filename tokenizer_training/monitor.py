@@ -103,7 +103,7 @@ def validate(tok: torch.nn.Module, batches: list[torch.Tensor], amp, perceptual:
              device: torch.device) -> tuple[dict[str, float], Optional[torch.Tensor]]:
     """PSNR / SSIM / perceptual of deterministic (argmax) reconstructions of this process's validation batches,
     averaged over all processes. Returns the metrics and the reconstructions of the first batch (B,3,T,H,W)."""
-    from larp_mllm.metrics import reconstruction_metrics
+    from larp_mllm.eval.metrics import reconstruction_metrics
 
     was_training = tok.training
     tok.eval()
@@ -131,7 +131,7 @@ def validate(tok: torch.nn.Module, batches: list[torch.Tensor], amp, perceptual:
 
 def write_samples(out_dir: Path, step: int, real: torch.Tensor, recon: torch.Tensor, max_videos: int = 4) -> None:
     """`samples/step_XXXXXXXX.mp4` (real | reconstruction side by side) and a PNG grid (rows: real, recon, ...)."""
-    from larp_mllm.video_io import write_video, write_video_grid
+    from larp_mllm.data.video_write import write_video, write_video_grid
 
     real, recon = real[:max_videos].float().cpu(), recon[:max_videos].float().clamp(0, 1).cpu()
     folder = out_dir / "samples"

@@ -86,11 +86,12 @@ def seed_all(seed: int) -> None:
 
 def build_datasets(cfg: TrainConfig, out_dir: Path, dist: Dist, frames: int, size: int):
     """Training and validation ClipDatasets (the synthetic set is generated once, by rank 0)."""
-    from larp_mllm.data import ClipDataset, csv_records, folder_records
+    from larp_mllm.data.records import csv_records, folder_records
+    from larp_mllm.data.clips import ClipDataset
 
     def records(source: str, seed: int, per_class: int):
         if source == "synthetic":
-            from larp_mllm.synthetic import make_synthetic_dataset
+            from larp_mllm.data.synthetic import make_synthetic_dataset
 
             d = cfg.data
             folder = out_dir / "data" / (f"synthetic_seed{seed}_{d.synthetic_classes}x{per_class}_{size}px_"
@@ -148,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     from larp_mllm import LARPTokenizer
-    from larp_mllm.data import collate_clips
+    from larp_mllm.data.clips import collate_clips
 
     out_dir = Path(t.output_dir)
     ckpt_root = out_dir / "checkpoints"

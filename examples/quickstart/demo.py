@@ -1,9 +1,9 @@
 """The whole pipeline on an embedded default, as `make demo` runs it (CPU minutes; a GPU is used when present).
 
-    python -m larp_mllm.demo --out runs/demo
+    python examples/quickstart/demo.py --out runs/demo      # what `make demo` runs, from the repository root
 
 Stages (each is a real command a user would run; a stage whose output exists is reused on the next run):
-  1. a synthetic labelled video set (coloured shapes moving in a direction)   python -m larp_mllm.synthetic
+  1. a synthetic labelled video set (coloured shapes moving in a direction)   python -m larp_mllm.data.synthetic
   2. a tiny LARP tokenizer trained under DeepSpeed (ZeRO-2)                   python -m tokenizer_training.train
   3. codes of every training clip                                            python -m tokenizer_training.extract_codes
   4. SmolLM2-135M-Instruct extended with the codes and LoRA-trained under DeepSpeed   python -m llm_adapters.train
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root: the stages read configs/ from there
 CLASSES = 4
 TRAIN_PER_CLASS = 48
 VAL_PER_CLASS = 6
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     def make_data() -> None:
         for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
             if not stage_done(data / split / "synthetic.csv", f"{split} set"):
-                run([py, "-m", "larp_mllm.synthetic", "--out", str(data / split), "--classes", str(CLASSES),
+                run([py, "-m", "larp_mllm.data.synthetic", "--out", str(data / split), "--classes", str(CLASSES),
                      "--per-class", str(per_class), "--seed", str(seed), "--frames", "16", "--size", "64",
                      "--background", "plain", "--object-size", "large"],
                     logs / f"synthetic_{split}.log")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     timed("generate", generate)
 
     banner("6/6 writing the report (reconstruction PSNR, class accuracy, FVD, curves, grids)")
-    from .demo_report import write_report
+    from report import write_report  # beside this script
 
     t0 = time.time()
     report = write_report(out, train_csv=train_csv, val_csv=val_csv, tokenizer=tok_final, codes=codes / "train",

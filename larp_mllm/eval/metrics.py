@@ -9,7 +9,7 @@ Predictions and targets are clamped to [0, 1] first (the decoder output is uncla
   data range 1, computed on each frame and each RGB channel separately and averaged over pixels, channels and
   frames. This equals the reference trainer's ``pytorch_msssim.ssim`` on (B*C, T, H, W), which treats frames as
   channels and averages them.
-* Perceptual: the LPIPS-family distance of ``larp_mllm.perceptual`` per frame, averaged over frames (the reference
+* Perceptual: the LPIPS-family distance of ``larp_mllm.eval.perceptual`` per frame, averaged over frames (the reference
   reports LPIPS-VGG; the offline default here is ST-LPIPS-VGG, so the numbers are close to but not LPIPS).
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def ssim(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def perceptual_distance(pred: Tensor, target: Tensor, net: nn.Module) -> Tensor:
-    """Per-video perceptual distance with `net` (a ``larp_mllm.perceptual.PerceptualDistance``), mean over
+    """Per-video perceptual distance with `net` (a ``larp_mllm.eval.perceptual.PerceptualDistance``), mean over
     frames -> (B,). No gradient (use the module directly as a loss)."""
     pred, target = _check_videos(pred, target)
     device = next(net.buffers()).device

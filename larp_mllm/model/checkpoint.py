@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .prior import PRIOR_PRESETS
-from .runtime.files import atomic_write_folder
+from ..runtime.files import atomic_write_folder
 
 if TYPE_CHECKING:
     from .tokenizer import LARPTokenizer, LARPTokenizerConfig

