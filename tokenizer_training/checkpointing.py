@@ -1,7 +1,7 @@
 """Resumable training state: atomic checkpoint folders, RNG states, and a sampler that knows its data position.
 
 Layout of one checkpoint (all processes write into a temporary folder that rank 0 renames when complete, so a
-folder named `step_XXXXXXXX` is always whole; a run killed mid-write leaves only a `.tmp-*` folder, removed later):
+folder named `step_XXXXXXXX` is always whole):
 
     <output_dir>/checkpoints/step_00001000/
         generator/ds/...          DeepSpeed engine state of the tokenizer (weights, optimizer, ZeRO partitions)
@@ -9,6 +9,12 @@ folder named `step_XXXXXXXX` is always whole; a run killed mid-write leaves only
         rng/rank_00000.json       per-process python / numpy / torch (/ cuda) RNG states
         trainer_state.json        step, epoch, data position, skipped steps, LeCam EMAs, the run config
         model/                    the tokenizer in fp32 (LARPTokenizer.save_pretrained): loads with from_pretrained
+
+A `step_*` name only ever appears by renaming a complete `.tmp-step_*` folder (trainer_state.json is its last file)
+and only ever disappears by renaming it out of the namespace (`.retired-*`) before anything in it is deleted, so a
+kill at any moment cannot leave a `step_*` folder that looks complete but is not. `recover_checkpoints` (at start-up,
+one process) finishes what a killed run left: a complete `.tmp-step_*` whose `step_*` is missing is moved into
+place (never deleted), incomplete ones and `.retired-*` leftovers are deleted.
 
 Only the last `keep_last` checkpoints are kept. No pickles of our own: RNG states and the trainer state are JSON
 (the engine folders are DeepSpeed's own format, read back by DeepSpeed). On several nodes, `output_dir` must be on
@@ -36,13 +42,24 @@ from larp_mllm.runtime.files import atomic_write_text
 
 __all__ = [
     "TrainerState", "ResumableSampler", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "remove_partial_checkpoints", "get_rng_state", "set_rng_state", "resume_checkpoint",
+    "list_checkpoints", "recover_checkpoints", "get_rng_state", "set_rng_state", "resume_checkpoint",
     "check_own_checkpoint",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: kill this process with SIGKILL in the middle of writing the checkpoint of this step.
-KILL_HOOK_ENV = "LARP_TEST_SIGKILL_DURING_CHECKPOINT"
+_TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
+_STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint folder
+_RETIRED = ".retired-"
+# Test hook "<point>@<step>": SIGKILL this process at a named point of the checkpoint of that step. Points: write
+# (engine states written, the rest not), replace (the old step folder renamed away, the new one not yet in place),
+# prune (an old checkpoint renamed away for deletion, half of its files deleted).
+KILL_HOOK_ENV = "LARP_TEST_SIGKILL_AT"
+KILL_POINTS = ("write", "replace", "prune")
+
+
+def _kill_hook(point: str, step: int) -> None:
+    if os.environ.get(KILL_HOOK_ENV) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -137,7 +154,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / _STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -155,12 +173,15 @@ def check_own_checkpoint(path: str | Path, output_dir: str | Path) -> None:
     """
     root = (Path(output_dir) / "checkpoints").resolve()
     real = Path(path).resolve()
+    if not real.exists():
+        raise FileNotFoundError(f"resume={str(path)!r}: checkpoint folder not found (this run's checkpoints are the "
+                                f"step_XXXXXXXX folders in {root}; --resume auto picks the newest complete one)")
     if real.parent != root or not _STEP_DIR.match(real.name):
         raise ValueError(
             f"resume={str(path)!r} is not a checkpoint of this run: larp-train-tokenizer resumes only from the "
             f"step_XXXXXXXX folders in its own output_dir ({root}), because loading a checkpoint unpickles "
             f"DeepSpeed's model and optimizer files (torch.load with weights_only=False), which can run any code its "
-            f"author put there. Use --resume auto, or --output_dir set to the run folder that wrote the checkpoint "
+            f"author put there. Use --resume auto, or --output-dir set to the run folder that wrote the checkpoint "
             f"(copy a checkpoint into <output_dir>/checkpoints/ only if you trust where it came from)"
         )
 
@@ -177,13 +198,40 @@ def resume_checkpoint(resume: Optional[str], output_dir: str | Path) -> Optional
     return path
 
 
-def remove_partial_checkpoints(root: str | Path) -> list[Path]:
-    """Delete `.tmp-*` folders left by a run killed while writing (call on one process only)."""
+def _retire(folder: Path, step: int | None = None) -> None:
+    """Remove a folder so that no moment shows it half-deleted under its name: rename it out of the `step_*`
+    namespace first, then delete it (a kill in between leaves a `.retired-*` folder for `recover_checkpoints`)."""
+    aside = folder.with_name(f"{_RETIRED}{folder.name}-{os.getpid()}-{os.urandom(4).hex()}")
+    os.replace(folder, aside)
+    if step is not None and os.environ.get(KILL_HOOK_ENV) == f"prune@{step}":
+        files = sorted(p for p in aside.rglob("*") if p.is_file())
+        for p in files[: len(files) // 2]:
+            p.unlink()
+        _kill_hook("prune", step)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_checkpoints(root: str | Path) -> list[str]:
+    """Finish what a run killed while checkpointing left in `root` (call on one process, before anything reads the
+    checkpoints); returns one line per action, for the log.
+
+    - `.tmp-step_X` with its trainer_state.json (complete) and no `step_X`: moved into place (a kill between
+      retiring an old `step_X` and renaming the new one in); with a `step_X` present: retired (a duplicate).
+    - `.tmp-step_X` without it (killed mid-write): deleted. `.retired-*` (killed mid-delete): deleted.
+    """
     root = Path(root)
-    removed = [p for p in root.glob(".tmp-*")] if root.is_dir() else []
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
+    if not root.is_dir():
+        return []
+    actions = []
+    for p in sorted(root.iterdir()):
+        m = _TMP_DIR.match(p.name)
+        if m and (p / _STATE_FILE).is_file() and not (root / f"step_{m.group(1)}").exists():
+            os.replace(p, root / f"step_{m.group(1)}")
+            actions.append(f"completed checkpoint {p.name} moved into place as step_{m.group(1)}")
+        elif m or p.name.startswith(_RETIRED):
+            shutil.rmtree(p, ignore_errors=True)
+            actions.append(f"removed {p.name} ({'unfinished write' if m and not (p / _STATE_FILE).is_file() else 'leftover'})")
+    return actions
 
 
 def save_checkpoint(
@@ -211,19 +259,19 @@ def save_checkpoint(
     for name, engine in engines.items():
         if engine is not None:
             engine.save_checkpoint(str(tmp / name), tag="ds", save_latest=False)
-    if os.environ.get(KILL_HOOK_ENV) == str(state.step):
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half written
+    _kill_hook("write", state.step)
     (tmp / "rng").mkdir(exist_ok=True)
     atomic_write_text(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(get_rng_state()))
     export_model(tmp / "model")
     barrier()
     if rank == 0:
-        atomic_write_text(tmp / "trainer_state.json", state.to_json())
-        if final.exists():  # re-running the same step after a resume: replace
-            shutil.rmtree(final)
+        atomic_write_text(tmp / _STATE_FILE, state.to_json())  # the folder is complete from here on
+        if final.exists():  # re-running the same step after a resume: the old folder leaves the namespace first
+            _retire(final)
+            _kill_hook("replace", state.step)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old, state.step)
     barrier()
     return final
 
@@ -231,9 +279,12 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, engines: dict, rank: int) -> TrainerState:
     """Restore the engines, this process's RNG states and the trainer state from a checkpoint folder."""
     path = Path(path)
-    state_file = path / "trainer_state.json"
+    state_file = path / _STATE_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} not found (expected a folder step_XXXXXXXX written by "
+                                f"larp-train-tokenizer in <output_dir>/checkpoints)")
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json); expected a "
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE}); expected a "
                                 f"folder step_XXXXXXXX written by larp-train-tokenizer")
     for name, engine in engines.items():
         if engine is None:

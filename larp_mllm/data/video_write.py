@@ -4,7 +4,7 @@ contact sheets. Frames are float tensors (3, T, H, W) in [0, 1], the layout larp
     write_video(video, "clip.mp4", fps=8)                                # H.264, yuv420p
     write_video_grid([video, video.flip(-1)], "sheet.png", labels=["orig", "flipped"])
 
-Every file is written atomically; the same frames give the same mp4 bytes (see `_aligned`).
+Every file is written atomically; the same frames give the same mp4 / avi bytes (see `rgb_to_yuv420p`, `_write_av`).
 """
 from __future__ import annotations
 
@@ -49,17 +49,25 @@ def _to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
     return out.numpy()
 
 
-def _aligned(array: np.ndarray, alignment: int = 64) -> np.ndarray:
-    """A C-contiguous copy whose data starts on an `alignment`-byte boundary.
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB (T, H, W, 3), H and W even -> uint8 yuv420p planes (T, 3H/2, W) as PyAV lays them out (Y, then U
+    and V flattened), BT.601 limited range with each chroma sample the mean of its 2x2 block.
 
-    FFmpeg's RGB -> YUV conversion takes a SIMD path only for aligned input and rounds differently otherwise, so
-    without this the same frames would encode to different files depending on where numpy put them.
+    Done in numpy, not by FFmpeg's converter, whose rounding depends on the memory alignment of the input.
     """
-    buf = np.empty(array.nbytes + alignment, dtype=np.uint8)
-    start = (-buf.ctypes.data) % alignment
-    out = buf[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
+    t, h, w, _ = frames.shape
+    rgb = frames.astype(np.float64)
+
+    def mix(x: np.ndarray, cr: float, cg: float, cb: float) -> np.ndarray:  # elementwise: the same on every CPU
+        return (x[..., 0] * cr + x[..., 1] * cg + x[..., 2] * cb) / 255
+
+    y = 16 + mix(rgb, 65.481, 128.553, 24.966)  # (T, H, W)
+    # (T, H, W, 3) -> (T, H/2, 2, W/2, 2, 3) -> 2x2 block sums / 4 (T, H/2, W/2, 3)
+    block = rgb.reshape(t, h // 2, 2, w // 2, 2, 3).sum(axis=(2, 4)) / 4
+    u = 128 + mix(block, -37.797, -74.203, 112.0)
+    v = 128 + mix(block, 112.0, -93.786, -18.214)
+    flat = [np.clip(np.rint(p), 0, 255).astype(np.uint8).reshape(t, -1) for p in (y, u, v)]
+    return np.concatenate(flat, axis=1).reshape(t, h * 3 // 2, w)  # Y, then U, then V, as PyAV lays them out
 
 
 def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8, crf: int = 18) -> Path:
@@ -91,19 +99,21 @@ def _write_av(array: np.ndarray, path: Path, fps: float, crf: int, fmt: str, cod
 
     t, h, w, _ = array.shape
     array = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # yuv420p needs even sizes
-    array = _aligned(array)
+    planes = rgb_to_yuv420p(array)  # (T, 3H/2, W)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = array.shape[2], array.shape[1], pix_fmt
         if codec == "libx264":
-            stream.options = {"crf": str(crf)}
+            # one thread, no lookahead: x264's lookahead thread made the same frames encode to different bytes
+            # from run to run on a loaded machine (up to 6 distinct files in 20 encodes of one clip)
+            stream.options = {"crf": str(crf), "threads": "1", "x264-params": "mbtree=0:rc-lookahead=0"}
         elif codec == "libvpx-vp9":
             stream.options = {"crf": str(crf), "b": "0"}
         else:  # MPEG-4 part 2 has no crf: a generous bit rate instead
             stream.bit_rate = max(1_000_000, int(8 * array.shape[1] * array.shape[2] * float(rate)))
-        for i, frame in enumerate(array):
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        for i, frame in enumerate(planes):
+            video_frame = av.VideoFrame.from_ndarray(frame, format=pix_fmt)
             video_frame.pts = i
             container.mux(stream.encode(video_frame))
         container.mux(stream.encode())
