@@ -31,7 +31,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) examples/quickstart/demo.py --out runs/demo
+	$(PY) examples/quickstart/demo.py --output-dir runs/demo
 
 clean:
 	rm -rf $(VENV) runs

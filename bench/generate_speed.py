@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.model:
-        from llm_adapters.chat import load_video_llm
+        from llm_adapters import load_video_llm
 
         llm, name = load_video_llm(args.model, args.base_model, device=device, dtype=dtype), args.model
     else:

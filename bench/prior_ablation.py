@@ -231,7 +231,7 @@ def aggregate(logs: list[Path]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/prior_ablation")
+    p.add_argument("--output-dir", default="runs/prior_ablation")
     p.add_argument("--steps", type=int, default=2000, help="tokenizer training steps (each variant)")
     p.add_argument("--prior_weights", type=float, nargs="+", default=[0.06],
                    help="prior loss weight of each 'with prior' arm (the recipe's 0.06; several give a dose-response)")
@@ -260,7 +260,7 @@ def main() -> None:
 
     data_cfg = parse_config(["--config", str(TINY_CONFIG)]).data  # the tiny config's synthetic set style
     style = dict(background=data_cfg.synthetic_background, object_size=data_cfg.synthetic_object_size)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     frames = 8
     train_csv = out / "data" / "train" / "synthetic.csv"
     heldout_csv = out / "data" / f"heldout_{args.heldout_per_class}" / "synthetic.csv"

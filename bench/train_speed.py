@@ -24,9 +24,10 @@ from functools import partial
 import torch
 
 from larp_mllm import LARPTokenizer
+from larp_mllm.eval.perceptual import build_perceptual
 from tokenizer_training.arguments import LossArguments
 from tokenizer_training.discriminator import DiscriminatorConfig, TransformerDiscriminator
-from tokenizer_training.losses import LeCamEMA, TokenizerLoss, build_perceptual
+from tokenizer_training.losses import LeCamEMA, TokenizerLoss
 
 REFERENCE_H200 = {"eager": 75.7, "compile": 98.8}  # videos/s, LARP-L-Long batch 16 bf16 (benchmarks.md)
 DISC_SIZES = {"larp-l-long": (512, 12, 8), "larp-tiny": (64, 2, 4)}

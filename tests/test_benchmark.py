@@ -40,11 +40,11 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench")
     base = tiny_video_bundle(root)
     videos, splits = fake_ucf101(root)
-    common = ["--model", str(root / "bundle"), "--larp", str(root / "larp"), "--ucf101-root", str(videos),
+    common = ["--model", str(root / "bundle"), "--larp-tokenizer", str(root / "larp"), "--ucf101-root", str(videos),
               "--ucf101-splits", str(splits), "--cache-dir", str(root / "cache"), "--num-samples", str(NUM),
               "--batch-size", "2", "--workers", "0", "--grid-per-class", "2", "--no-progress"]
     single = root / "single"
-    benchmark.main([*common, "--out-dir", str(single)])
+    benchmark.main([*common, "--output-dir", str(single)])
     return {"root": root, "common": common, "single": single}
 
 
@@ -73,11 +73,12 @@ def test_single_run_report_grids_and_class_matching(setup):
 
 def test_merged_shards_equal_one_run(setup):
     out = setup["root"] / "sharded"
-    benchmark.main([*setup["common"], "--out-dir", str(out), "--shard", "1/2"])
+    benchmark.main([*setup["common"], "--output-dir", str(out), "--shard", "1/2"])
     with pytest.raises(FileNotFoundError, match="shard 0/2 has not run"):
-        benchmark.main(["--merge", "--out-dir", str(out), "--grid-per-class", "0"])
-    benchmark.main([*setup["common"], "--out-dir", str(out), "--shard", "0/2"])
-    benchmark.main(["--merge", "--out-dir", str(out), "--larp", str(setup["root"] / "larp"), "--no-progress"])
+        benchmark.main(["--merge", "--output-dir", str(out), "--grid-per-class", "0"])
+    benchmark.main([*setup["common"], "--output-dir", str(out), "--shard", "0/2"])
+    benchmark.main(["--merge", "--output-dir", str(out), "--larp-tokenizer", str(setup["root"] / "larp"),
+                    "--no-progress"])
     one, merged = _report(setup["single"]), _report(out)
     assert merged["num_shards"] == 2 and merged["num_samples"] == NUM and merged["key"] == one["key"]
     # exact: each shard generates the single run's batches (samples 0-1, 2-3) with the same seeds
@@ -103,17 +104,17 @@ def test_resume_skips_finished_batches_and_matches(setup, monkeypatch):
 
     monkeypatch.setattr(benchmark, "generate_video_codes", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        benchmark.main([*setup["common"], "--out-dir", str(out), "--grid-per-class", "0"])
+        benchmark.main([*setup["common"], "--output-dir", str(out), "--grid-per-class", "0"])
     assert FeatureStats.load(out / "shard_000_of_001.stats.safetensors").count == 2
     calls.clear()
     monkeypatch.setattr(benchmark, "generate_video_codes", lambda llm, prompts, **kw: (
         calls.append(kw["seed"]), real_generate(llm, prompts, **kw))[1])
-    benchmark.main([*setup["common"], "--out-dir", str(out), "--grid-per-class", "0"])
+    benchmark.main([*setup["common"], "--output-dir", str(out), "--grid-per-class", "0"])
     assert calls == [2]  # only the unfinished batch (samples 2, 3) ran again
     assert torch.equal(_codes(out), _codes(setup["single"]))  # the single run's batches again: the same computation
     assert _report(out)["gfvd"] == pytest.approx(_report(setup["single"])["gfvd"], rel=1e-5)
     with pytest.raises(ValueError, match="other settings"):
-        benchmark.main([*setup["common"], "--out-dir", str(out), "--cfg-scale", "2.0"])
+        benchmark.main([*setup["common"], "--output-dir", str(out), "--cfg-scale", "2.0"])
 
 
 def test_bad_shard_spec():
@@ -123,3 +124,18 @@ def test_bad_shard_spec():
         benchmark.parse_shard("3")
     with pytest.raises(ValueError, match="0 <= i < n"):
         benchmark.parse_shard("8/8")
+
+
+def test_clis_spell_the_shared_options_alike(capsys):
+    """larp-eval-recon, larp-extract-codes and larp-ucf101-bench: one spelling per dataset / checkpoint / output
+    option (the dataset options come from larp_mllm.data.records.add_dataset_args)."""
+    from tokenizer_training import evaluate, extract_codes
+
+    for cli in (evaluate.main, extract_codes.main, benchmark.main):
+        with pytest.raises(SystemExit):
+            cli(["--help"])
+        text = capsys.readouterr().out
+        for flag in ("--larp-tokenizer", "--csv", "--ucf101-root", "--ucf101-splits", "--folder", "--workers"):
+            assert flag in text, (cli.__module__, flag)
+        for old in ("--checkpoint", "--ucf101 ", "--splits-dir", "--out ", "--out-dir", "--num-workers", "--larp "):
+            assert old not in text, (cli.__module__, old)

@@ -13,9 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from larp_mllm.data.video_io import read_video
-from llm_adapters import chat
-from llm_adapters.generate import generate_video_codes
-from llm_adapters.model import extend_llm, merge_bundle
+from llm_adapters import chat, extend_llm, generate_video_codes, merge_bundle
+from llm_adapters.loading import load_class_names, load_larp, load_video_llm, resolve_class
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["ApplyEyeMakeup", "Basketball", "PlayingViolin"]
@@ -33,8 +32,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 def test_one_shot_writes_playable_mp4_gif_grid_and_codes(assets, tmp_path, capsys):
     out = tmp_path / "out"
-    chat.main(["--model", str(assets["bundle"]), "--larp", str(assets["larp"]), "--classes", str(assets["classes"]),
-               "--class-id", "2", "--num-samples", "2", "--seed", "4", "--cfg-scale", "1.5", "--top-k", "64",
+    chat.main(["--model", str(assets["bundle"]), "--larp-tokenizer", str(assets["larp"]),
+               "--classes", str(assets["classes"]), "--class-id", "2", "--num-samples", "2", "--seed", "4",
+               "--cfg-scale", "1.5", "--top-k", "64",
                "--output", str(out / "v.mp4"), "--gif", str(out / "v.gif"), "--grid", str(out / "v.png"),
                "--save-codes", str(out / "codes.safetensors"), "--no-progress"])
     printed = capsys.readouterr().out
@@ -48,14 +48,14 @@ def test_one_shot_writes_playable_mp4_gif_grid_and_codes(assets, tmp_path, capsy
     assert video.std() > 0.05 and (video[:, 1:] - video[:, :-1]).abs().mean() > 0.01  # real content, it moves
     assert Image.open(out / "v.png").size[1] > 2 * height  # two rows of frames
     codes = load_file(str(out / "codes.safetensors"))["codes"]
-    llm = chat.load_video_llm(assets["bundle"])
+    llm = load_video_llm(assets["bundle"])
     want = generate_video_codes(llm, ["playing violin"] * 2, cfg_scale=1.5, top_k=64, seed=4, progress=False)
     assert torch.equal(codes, want)  # the same model, prompts, batch and path as the CLI's: the same computation
 
 
 def test_merged_checkpoint_gives_the_bundles_videos(assets, tmp_path):
     merged = merge_bundle(assets["bundle"], assets["base"], tmp_path / "merged")
-    args = ["--larp", str(assets["larp"]), "--prompt", "a dog running", "--seed", "9", "--no-progress"]
+    args = ["--larp-tokenizer", str(assets["larp"]), "--prompt", "a dog running", "--seed", "9", "--no-progress"]
     n = larp_tiny().num_tokens
     with record_decisions(n) as merged_records:
         chat.main(["--model", str(merged), *args, "--save-codes", str(tmp_path / "m.safetensors")])
@@ -74,8 +74,9 @@ def test_repl_through_stdin(assets, tmp_path):
     ]) + "\n"
     out = tmp_path / "repl"
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_adapters.chat", "--model", str(assets["bundle"]), "--larp", str(assets["larp"]),
-         "--classes", str(assets["classes"]), "--out-dir", str(out), "--formats", "mp4,png,codes", "--no-progress"],
+        [sys.executable, "-m", "llm_adapters.chat", "--model", str(assets["bundle"]),
+         "--larp-tokenizer", str(assets["larp"]), "--classes", str(assets["classes"]), "--output-dir", str(out),
+         "--formats", "mp4,png,codes", "--no-progress"],
         input=script, capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,18 +101,18 @@ def test_repl_through_stdin(assets, tmp_path):
 def test_loading_errors(assets, tmp_path):
     other = tmp_path / "other_larp"
     larp_tiny(seed=1).save_pretrained(other)
-    llm = chat.load_video_llm(assets["bundle"])
+    llm = load_video_llm(assets["bundle"])
     with pytest.raises(ValueError, match="codebook mismatch"):
-        chat.load_larp(other, llm.vocab, torch.device("cpu"))
+        load_larp(other, llm.vocab, torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="VideoLLM bundle"):
-        chat.load_video_llm(tmp_path)
+        load_video_llm(tmp_path)
     with pytest.raises(ValueError, match="out of range"):
-        chat.resolve_class("7", CLASSES)
+        resolve_class("7", CLASSES)
     with pytest.raises(ValueError, match="needs a class list"):
-        chat.resolve_class("0", None)
-    assert chat.resolve_class("playing violin", CLASSES) == "PlayingViolin"
-    assert chat.load_class_names(assets["bundle"], assets["classes"]) == CLASSES
-    assert chat.load_class_names(assets["bundle"]) is None
+        resolve_class("0", None)
+    assert resolve_class("playing violin", CLASSES) == "PlayingViolin"
+    assert load_class_names(assets["bundle"], assets["classes"]) == CLASSES
+    assert load_class_names(assets["bundle"]) is None
 
 
 def test_class_names_found_through_training_args(tmp_path):
@@ -125,10 +126,10 @@ def test_class_names_found_through_training_args(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "training_args.json").write_text(json.dumps({"data": {"code_dir": str(codes)}}))
-    assert chat.load_class_names(model) == CLASSES
-    assert chat.load_class_names(None, codes) == CLASSES
+    assert load_class_names(model) == CLASSES
+    assert load_class_names(None, codes) == CLASSES
     (model / "class_names.json").write_text(json.dumps({"class_names": ["A", "B"]}))
-    assert chat.load_class_names(model) == ["A", "B"]
+    assert load_class_names(model) == ["A", "B"]
 
 
 def test_recorded_base_fallback_of_old_and_gguf_bundles(assets, tmp_path):
@@ -140,10 +141,10 @@ def test_recorded_base_fallback_of_old_and_gguf_bundles(assets, tmp_path):
     assert config["base_model"] == str(assets["base"]) and config["gguf_file"] is None
     del config["gguf_file"]  # a bundle written before the field existed loads on its recorded base
     (bundle / "video_llm.json").write_text(json.dumps(config))
-    assert chat.load_video_llm(bundle).config.gguf_file is None
+    assert load_video_llm(bundle).config.gguf_file is None
     (bundle / "video_llm.json").write_text(json.dumps({**config, "gguf_file": "missing.gguf"}))
     with pytest.raises(ValueError, match="give its base model.*GGUF file 'missing.gguf'"):
-        chat.load_video_llm(bundle)
+        load_video_llm(bundle)
 
 
 @pytest.mark.slow
@@ -160,6 +161,6 @@ def test_recorded_gguf_base_loads_without_gguf_file(tmp_path):
     config = json.loads((tmp_path / "bundle" / "video_llm.json").read_text())
     assert (config["base_model"], config["gguf_file"]) == (str(gguf.parent), gguf.name)
     batch = check_inputs(video_llm.tokenizer, video_llm.vocab)[:1]
-    llm = chat.load_video_llm(tmp_path / "bundle")  # no --base-model, no --gguf-file
+    llm = load_video_llm(tmp_path / "bundle")  # no --base-model, no --gguf-file
     with torch.no_grad():
         assert torch.equal(video_llm.model.eval()(batch[0]).logits, llm.model(batch[0]).logits)

@@ -170,6 +170,20 @@ def test_nested_reference_options_are_refused(tmp_path, reference_fixture):
         LARPTokenizer.from_pretrained(tmp_path / "c")
 
 
+def test_reference_prior_schedule_is_honoured(reference_fixture):
+    """The reference's scheduled-sampling schedule and prior temperature land in our config (the trainer starting
+    from such a checkpoint trains with them unless told otherwise); values we cannot use are refused."""
+    from larp_mllm.model.checkpoint import config_from_reference
+
+    cfg = json.loads((reference_fixture / "config.json").read_text())
+    cfg["prior_model"].update(mix_ss_max_ratio=0.2, mix_ss_peak_steps_ratio=0.1, latent_ce_temperature=0.5)
+    ours = config_from_reference(cfg)
+    assert (ours.ss_max_ratio, ours.ss_peak_fraction, ours.prior_ce_temperature) == (0.2, 0.1, 0.5)
+    cfg["prior_model"]["mix_ss_max_ratio"] = 1.5
+    with pytest.raises(ValueError, match=r"ss_max_ratio must be in \[0, 1\]"):
+        config_from_reference(cfg)
+
+
 def test_save_load_round_trip(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]

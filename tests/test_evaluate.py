@@ -9,7 +9,9 @@ import torch
 
 from larp_mllm.data.records import csv_records
 from larp_mllm.eval.fvd import FeatureStats
-from tokenizer_training.evaluate import i3d_ready, main, real_stats
+from larp_mllm.eval.fvd import i3d_ready
+from larp_mllm.eval.real_set import real_stats
+from tokenizer_training.evaluate import main
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,9 @@ def test_i3d_ready_pads_and_resizes():
 
 
 def test_recon_cli_writes_seeded_metrics(synthetic_csv, tiny_checkpoint, tmp_path):
-    args = ["--checkpoint", str(tiny_checkpoint), "--csv", str(synthetic_csv), "--batch-size", "2", "--workers", "0",
-            "--seed", "3"]
-    main(args + ["--out", str(tmp_path / "a.json")])
+    args = ["--larp-tokenizer", str(tiny_checkpoint), "--csv", str(synthetic_csv), "--batch-size", "2",
+            "--workers", "0", "--seed", "3"]
+    main(args + ["--output", str(tmp_path / "a.json")])
     first = json.loads((tmp_path / "a.json").read_text())
     assert first["num_videos"] == 4 and first["num_skipped"] == 0
     assert first["num_frames"] == 8 and first["size"] == 32 and first["i3d_frames_padded_to"] == 9
@@ -45,19 +47,19 @@ def test_recon_cli_writes_seeded_metrics(synthetic_csv, tiny_checkpoint, tmp_pat
     for key in ("rfvd", "psnr", "ssim", "mse", "perceptual"):
         assert isinstance(first[key], float) and first[key] == first[key], key  # finite number, not NaN
     assert first["rfvd"] > 0 and 0 < first["mse"] < 1 and -1 <= first["ssim"] <= 1
-    main(args + ["--out", str(tmp_path / "b.json"), "--max-videos", "2", "--no-fvd", "--perceptual", "none"])
+    main(args + ["--output", str(tmp_path / "b.json"), "--max-videos", "2", "--no-fvd", "--perceptual", "none"])
     subset = json.loads((tmp_path / "b.json").read_text())
     assert subset["num_videos"] == 2 and subset["rfvd"] is None and subset["perceptual"] is None
-    main(args + ["--out", str(tmp_path / "c.json"), "--no-fvd", "--perceptual", "none"])
+    main(args + ["--output", str(tmp_path / "c.json"), "--no-fvd", "--perceptual", "none"])
     again = json.loads((tmp_path / "c.json").read_text())
     assert (again["psnr"], again["ssim"], again["mse"]) == (first["psnr"], first["ssim"], first["mse"])  # seeded
 
 
 def test_dataset_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="exactly one dataset"):
-        main(["--preset", "larp-tiny", "--out", str(tmp_path / "x.json")])
+        main(["--preset", "larp-tiny", "--output", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="--ucf101-splits"):
-        main(["--preset", "larp-tiny", "--ucf101-root", str(tmp_path), "--out", str(tmp_path / "x.json")])
+        main(["--preset", "larp-tiny", "--ucf101-root", str(tmp_path), "--output", str(tmp_path / "x.json")])
 
 
 def test_real_stats_are_computed_once_and_reused(synthetic_csv, tmp_path):

@@ -38,7 +38,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 def _args(setup, out: Path, *extra: str) -> list[str]:
     ckpt, csv_path = setup
-    return ["--checkpoint", str(ckpt), "--csv", str(csv_path), "--out", str(out), "--num-workers", "0", *extra]
+    return ["--larp-tokenizer", str(ckpt), "--csv", str(csv_path), "--output-dir", str(out), "--workers", "0", *extra]
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -160,7 +160,7 @@ def test_ranks_share_the_work(setup, reference_run, tmp_path, monkeypatch):
     assert not (out / "manifest.json").exists()
     for rank in ("2", "0"):  # the last one to finish writes the manifest
         monkeypatch.setenv("RANK", rank)
-        main(_args(setup, out, "--shard-size", "1", "--batch-size", "3", "--flip", "--num-workers", "2"))
+        main(_args(setup, out, "--shard-size", "1", "--batch-size", "3", "--flip", "--workers", "2"))
     assert _files(out) == _files(reference_run)  # batches of the 1 clip of a shard: the reference's computation
     (out / "manifest.json").unlink()
     main(_args(setup, out, "--shard-size", "1", "--flip", "--finalize"))
@@ -185,12 +185,12 @@ def test_caption_csv_and_folder_datasets(setup, tmp_path):
     caption_csv = tmp_path / "captions.csv"
     with open(caption_csv, "w", newline="") as f:
         csv.writer(f).writerows([["path", "caption"], *[[str(r.path), r.caption] for r in recs]])
-    main(["--preset", "larp-tiny", "--caption-csv", str(caption_csv), "--out", str(tmp_path / "cap"),
-          "--num-workers", "0", "--mode", "random"])
+    main(["--preset", "larp-tiny", "--caption-csv", str(caption_csv), "--output-dir", str(tmp_path / "cap"),
+          "--workers", "0", "--mode", "random"])
     codes = load_code_shards(tmp_path / "cap")
     assert codes.captions == [r.caption for r in recs] and codes.labels.tolist() == [-1] * 8
-    main(["--preset", "larp-tiny", "--folder", str(csv_path.parent / "videos"), "--out", str(tmp_path / "dir"),
-          "--num-workers", "0"])
+    main(["--preset", "larp-tiny", "--folder", str(csv_path.parent / "videos"), "--output-dir", str(tmp_path / "dir"),
+          "--workers", "0"])
     codes = load_code_shards(tmp_path / "dir")
     assert codes.class_names == sorted({r.class_name for r in recs}) and len(codes) == 16
     assert codes.codebook_hash == CodeManifest.load(tmp_path / "dir").codebook_hash

@@ -5,13 +5,12 @@ import pytest
 import torch
 from llm_fixtures import assert_same_samples, greedy_record, larp_tiny, record_decisions, tiny_llm
 
-from llm_adapters.adapter import hybrid_modules, materialize
-from llm_adapters.chat import MergedLLM
+from llm_adapters.adapter import hf_model, hybrid_modules, materialize
 from llm_adapters.generate import (SamplingConfig, VideoSpanConstraint, _plain_loop, apply_cfg, draw_uniforms,
-                                   filter_logits, generate_video_codes, hf_model, pack_prompts, prompt_rows,
-                                   sample_codes)
-from llm_adapters.prompts import build_prompt_ids
+                                   filter_logits, generate_video_codes, pack_prompts, prompt_rows, sample_codes)
+from llm_adapters.loading import MergedLLM
 from llm_adapters.model import extend_llm
+from llm_adapters.prompts import build_prompt_ids
 
 PROMPTS = ["apply eye makeup", "a person playing the violin on a small wooden stage in the park", None]
 

@@ -9,6 +9,7 @@ from llm_fixtures import (LOGIT_RTOL, MODEL_VARIANT_IDS, MODEL_VARIANTS, assert_
                           chat_ids, greedy_record, larp_tiny, logit_tol, perturb_, smollm2, smollm2_dir, tiny_llm,
                           tiny_llm_dir, video_batch)
 
+from llm_adapters import merge
 from llm_adapters.adapter import hybrid_modules
 from llm_adapters.model import (
     LORA_DEFAULTS,
@@ -16,7 +17,6 @@ from llm_adapters.model import (
     VideoLLMConfig,
     check_inputs,
     extend_llm,
-    merge_main,
     recorded_gguf_file,
 )
 from llm_adapters.vocab import VideoVocab
@@ -121,7 +121,8 @@ def test_bundle_reloads_with_identical_logits_and_exports(arch, tied, extra, ada
     for w, g in zip(want, logits(again.model, batch)):
         assert torch.equal(w, g)  # the same modules with the same tensors (read back), the same shapes
 
-    merge_main(["--bundle", str(tmp_path / "bundle"), "--base-model", str(base), "--out", str(tmp_path / "merged")])
+    merge.main(["--model", str(tmp_path / "bundle"), "--base-model", str(base),
+                "--output-dir", str(tmp_path / "merged")])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert type(merged.get_input_embeddings()) is torch.nn.Embedding
     assert merged.config.vocab_size == video_llm.vocab.embedding_size
@@ -246,8 +247,8 @@ def test_smollm2_trains_saves_reloads_and_exports(adapter, larp, tmp_path):
     again = VideoLLM.from_pretrained(tmp_path / "bundle", base_model=smollm2_dir(), larp_tokenizer=larp)
     for w, g in zip(want, logits(again.model, batch)):
         assert torch.equal(w, g)  # the same modules with the same tensors (read back), the same shapes
-    merge_main(["--bundle", str(tmp_path / "bundle"), "--base-model", str(smollm2_dir()),
-                "--out", str(tmp_path / "merged")])
+    merge.main(["--model", str(tmp_path / "bundle"), "--base-model", str(smollm2_dir()),
+                "--output-dir", str(tmp_path / "merged")])
     exported = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), batch)
     # materialising the rows: the export equals the bundle model with its LoRA folded in, up to rounding (the
     # export's video input rows were computed for all K codes at once, the adapter's one by one: other GEMM shapes)

@@ -92,10 +92,13 @@ def test_yaml_cli_and_unknown_keys(tmp_path):
     assert training.report_to == ["tensorboard"] and training.lr_scheduler_type.value == "cosine"  # script defaults
     assert data.cond_dropout == 0.1 and model.adapter == "codebook"
     config.write_text(yaml.safe_dump({"output_dir": "x", "lora_rank": 8}))
-    with pytest.raises(ValueError, match=r"unknown keys \['lora_rank'\].*valid keys:.*lora_r,"):
+    with pytest.raises(ValueError, match=r"in .*run.yaml: 'lora_rank' \(did you mean .*'lora_r'.*\?\)\. Valid keys:"
+                                         r".*lora_r,"):
         parse_args(["--config", str(config)])
-    with pytest.raises(ValueError, match=r"unknown arguments \['--lora_rank'.*--lora_r"):
+    with pytest.raises(ValueError, match=r"on the command line: 'lora_rank' \(did you mean .*'lora_r'.*\?\).*lora_r,"):
         parse_args(["--output_dir", "x", "--lora_rank", "8"])
+    with pytest.raises(ValueError, match="output_dir is required"):
+        parse_args(["--base_model", "m"])
 
 
 def test_shipped_configs_use_valid_keys():
@@ -111,36 +114,37 @@ def test_shipped_configs_use_valid_keys():
 
 
 def test_deepspeed_configs_resolve_for_the_hf_trainer():
-    from llm_adapters.launch import resolve_deepspeed_config
+    from larp_mllm.runtime.deepspeed import auto_keys, resolve_deepspeed_config
+    from llm_adapters.launch import HF_TRAINER_FILLS, stage_settings
 
-    # "auto" leaves that the HF Trainer / accelerate fill themselves
-    fillable = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "bf16.enabled", "zero_optimization.reduce_bucket_size",
-                "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold"}
-
-    def autos(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from autos(value, f"{prefix}{key}.")
-            elif value == "auto":
-                yield prefix + key
-
+    cpu = {"use_cpu": True}
     for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
-        cfg = resolve_deepspeed_config(str(REPO / "configs" / "deepspeed" / name), use_cpu=True)
+        path = str(REPO / "configs" / "deepspeed" / name)
+        cfg = resolve_deepspeed_config(path, stage_settings(cpu))
         assert cfg["zero_optimization"]["stage"] == stage
-        assert set(autos(cfg)) <= fillable, name
+        assert set(auto_keys(cfg)) <= HF_TRAINER_FILLS, name  # "auto" left only where the HF Trainer fills it
         assert cfg["zero_optimization"].get("overlap_comm") in (None, False)  # CPU
-        assert "torch_autocast" not in cfg and cfg["bf16"]["enabled"] == "auto"
-    zero3 = resolve_deepspeed_config(str(REPO / "configs/deepspeed/zero3.json"), use_cpu=True)
+        assert not {"torch_autocast", "bf16", "fp16"} & set(cfg)  # fp32 weights, no autocast
+        bf16 = resolve_deepspeed_config(path, stage_settings({**cpu, "bf16": True}))
+        assert bf16["bf16"] == {"enabled": True} and "torch_autocast" not in bf16  # --bf16: DeepSpeed's bf16 weights
+    zero3 = resolve_deepspeed_config(str(REPO / "configs/deepspeed/zero3.json"), stage_settings(cpu))
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    with_optimizer = resolve_deepspeed_config({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, True)
+    with_optimizer = resolve_deepspeed_config({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
+                                              stage_settings(cpu))
     assert with_optimizer["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(FileNotFoundError, match="zero9.json"):
-        resolve_deepspeed_config("configs/deepspeed/zero9.json", True)
+        resolve_deepspeed_config("configs/deepspeed/zero9.json", stage_settings(cpu))
+    # precision sections this stage cannot honour: refused with the key and the way to ask for mixed precision
+    with pytest.raises(ValueError, match=r"torch_autocast.enabled=True.*does not autocast over fp32 weights"):
+        resolve_deepspeed_config({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+                                 stage_settings({**cpu, "bf16": True}))
+    with pytest.raises(ValueError, match=r"bf16.enabled=True.*ask for False.*--bf16"):
+        resolve_deepspeed_config({"bf16": {"enabled": True}}, stage_settings(cpu))
 
 
 def test_single_process_launch_environment(monkeypatch):
-    from llm_adapters.launch import DISTRIBUTED_ENV, deepspeed_training_args
+    from larp_mllm.runtime.distributed import DISTRIBUTED_ENV
+    from llm_adapters.launch import deepspeed_training_args
 
     for key in DISTRIBUTED_ENV:  # setenv first: monkeypatch then restores the original state, absent or not
         monkeypatch.setenv(key, "")
@@ -240,7 +244,7 @@ def test_resume_without_deepspeed_is_exact(tmp_path, synthetic, one_thread, adap
     from safetensors.torch import load_file
     from test_llm_data import CLASS_NAMES
 
-    from llm_adapters.chat import load_class_names
+    from llm_adapters.loading import load_class_names
     from llm_adapters.train import parse_args, train
 
     flips = write_code_dir(tmp_path / "codes", synthetic.class_codes.repeat(3, 1), [i % 4 for i in range(12)],

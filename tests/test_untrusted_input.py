@@ -11,9 +11,10 @@ import pytest
 import torch
 from llm_fixtures import sentencepiece_tokenizer, tiny_video_bundle
 
-from llm_adapters import chat
+from llm_adapters import chat, videos
 from llm_adapters import generate as generate_module
 from llm_adapters.data import IGNORE_INDEX, VideoCodeDataset
+from llm_adapters.loading import load_larp, load_video_llm
 from llm_adapters.prompts import PLAIN_TEMPLATE, PromptEncoder, build_prompt_ids, class_name_to_text
 from llm_adapters.vocab import VIDEO_END, VIDEO_START, VIDEO_UNCOND, VideoVocab, code_token, filler_token
 
@@ -155,7 +156,7 @@ def test_generation_prompt_rows_keep_control_strings_as_text():
 @pytest.mark.parametrize("name", ["../evil/x\x00", "/etc/passwd", "..", "a/../../b", "<|video_end|>/..\x00", ""])
 def test_auto_paths_stay_in_the_output_folder(tmp_path, name):
     out = tmp_path / "out"
-    paths = chat.auto_paths(out, 3, name, -1, list(chat.FORMATS))
+    paths = videos.auto_paths(out, 3, name, -1, list(videos.FORMATS))
     for path in paths.values():
         assert path.parent == out and "\x00" not in path.name and not path.name.startswith(".")
         assert os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
@@ -169,7 +170,7 @@ def bundle(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_chat_writes_hostile_class_names_inside_the_output_folder(bundle, tmp_path, monkeypatch):
-    """--class-name and a REPL line with '../', '/', NUL and control strings: files land in --out-dir, and the
+    """--class-name and a REPL line with '../', '/', NUL and control strings: files land in --output-dir, and the
     prompt ids the model sees hold no video or control ids of the user's."""
     seen: list[list[int]] = []
     real_rows = generate_module.prompt_rows
@@ -183,14 +184,14 @@ def test_chat_writes_hostile_class_names_inside_the_output_folder(bundle, tmp_pa
     work = tmp_path / "work"
     out = work / "out"
     evil = f"../evil/{VIDEO_START}x\x00"
-    common = ["--model", str(bundle["bundle"]), "--larp", str(bundle["larp"]), "--out-dir", str(out),
+    common = ["--model", str(bundle["bundle"]), "--larp-tokenizer", str(bundle["larp"]), "--output-dir", str(out),
               "--formats", "codes", "--cfg-scale", "1.0", "--no-progress"]
     chat.main([*common, "--class-name", evil])
-    llm = chat.load_video_llm(bundle["bundle"])
-    larp = chat.load_larp(bundle["larp"], llm.vocab, torch.device("cpu"))
+    llm = load_video_llm(bundle["bundle"])
+    larp = load_larp(bundle["larp"], llm.vocab, torch.device("cpu"))
     stdin = io.StringIO(f"/x\n../../evil2/{code_token(1)}y\x00\n/class {evil}\n/quit\n")
     stdout = io.StringIO()
-    assert chat.repl(llm, larp, chat.ChatSettings(cfg_scale=1.0), None, out, ["codes"], 8, stdin, stdout,
+    assert chat.repl(llm, larp, videos.ChatSettings(cfg_scale=1.0), None, out, ["codes"], 8, stdin, stdout,
                      progress=False) == 2
     written = sorted(p for p in work.rglob("*") if p.is_file())
     assert len(written) == 3 and all(p.parent == out for p in written), written
@@ -206,9 +207,10 @@ def test_tokenizer_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path
     from tokenizer_training.checkpointing import resume_checkpoint
 
     run, other = tmp_path / "run", tmp_path / "other"
-    for step in (10, 20):
-        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-    (other / "checkpoints" / "step_00000030").mkdir(parents=True)
+    for folder in (run / "checkpoints" / "step_00000010", run / "checkpoints" / "step_00000020",
+                   other / "checkpoints" / "step_00000030", run / "step_00000010"):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")  # complete checkpoints (as far as the names go)
     base = ["--output_dir", str(run), "--resume"]
     outside = [other / "checkpoints" / "step_00000030",  # another run's checkpoint
                run / "checkpoints" / ".." / ".." / "other" / "checkpoints" / "step_00000030",  # ../ out of the run
@@ -227,6 +229,8 @@ def test_tokenizer_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path
     assert resume_checkpoint("auto", run) == run / "checkpoints" / "step_00000020"
     assert resume_checkpoint(str(own), run) == own and resume_checkpoint(None, run) is None
     assert resume_checkpoint("auto", tmp_path / "fresh") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):  # a missing path says so
+        resume_checkpoint(str(run / "checkpoints" / "step_00000099"), run)
 
 
 def test_llm_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path):

@@ -1,28 +1,28 @@
-"""Configuration of `larp-train-tokenizer`: dataclasses parsed by `transformers.HfArgumentParser` from a YAML file
-plus command-line overrides.
+"""Configuration of `larp-train-tokenizer`: dataclasses parsed from a YAML file plus command-line overrides
+(larp_mllm.runtime.config), and the DeepSpeed config they imply (larp_mllm.runtime.deepspeed).
 
-    larp-train-tokenizer --config configs/tokenizer/larp_tiny_cpu.yaml --lr 3e-4 --max_steps 200
+    larp-train-tokenizer --config configs/tokenizer/larp_tiny_cpu.yaml --lr 3e-4 --max-steps 200
 
 The YAML is flat: every key is the name of one field below (the YAML maps 1:1 onto the dataclasses). Unknown or
 misspelled keys, in the YAML or on the command line, are rejected with the list of valid ones.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import dataclasses
-import difflib
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from larp_mllm.data.synthetic import BACKGROUNDS, OBJECT_SIZES
+from larp_mllm.runtime.config import parse_config_and_flags
+from larp_mllm.runtime.deepspeed import BatchLayout, StageSettings, resolve_deepspeed_config
 
 __all__ = [
     "ModelArguments", "DataArguments", "LossArguments", "TrainArguments", "TrainConfig", "parse_config",
-    "batch_layout", "deepspeed_config",
+    "model_config_overrides", "deepspeed_config", "DEFAULT_PRESET",
 ]
+
+
+DEFAULT_PRESET = "larp-tiny"  # the tokenizer trained without preset and init_from
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
@@ -31,14 +31,25 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 
 @dataclass
 class ModelArguments:
-    """Tokenizer and discriminator architecture."""
+    """Tokenizer (preset or checkpoint, and fields of its config) and discriminator architecture."""
 
-    preset: str = _f("larp-tiny", "tokenizer preset (a key of larp_mllm.TOKENIZER_PRESETS)")
-    init_from: Optional[str] = _f(None, "start from this LARPTokenizer folder instead of a random init")
+    preset: Optional[str] = _f(None, f"tokenizer preset (a key of larp_mllm.TOKENIZER_PRESETS; default "
+                                     f"{DEFAULT_PRESET}): a random init, or with init_from the size it must have")
+    init_from: Optional[str] = _f(None, "start from this LARPTokenizer folder (ours or the reference's) instead of a "
+                                        "random init; its config.json sets the architecture")
     gradient_checkpointing: bool = _f(False, "recompute encoder/decoder blocks in backward (saves memory)")
+    # Fields of the tokenizer's config (LARPTokenizerConfig): None keeps the preset's or init_from's value; a value
+    # set here overrides it and is saved with the trained model (model_config_overrides).
     prior_ce_temperature: Optional[float] = _f(
-        None, "temperature of the prior's cosine logits (default: the preset's, the reference's 1.0, where the "
-              "prior CE cannot fall far below ln K; lower values let it approach the codes' real NLL)")
+        None, "temperature of the prior's cosine logits (default: the tokenizer config's; the reference's 1.0, where "
+              "the prior CE cannot fall far below ln K; lower values let it approach the codes' real NLL)")
+    ss_peak_fraction: Optional[float] = _f(
+        None, "the prior's scheduled-sampling ratio ramps 0 -> ss_max_ratio over this fraction of the steps "
+              "(default: the tokenizer config's: the preset's 0.3, or init_from's, e.g. a reference checkpoint's "
+              "mix_ss_peak_steps_ratio)")
+    ss_max_ratio: Optional[float] = _f(
+        None, "final scheduled-sampling ratio of the prior (default: the tokenizer config's: the preset's 0.5, or "
+              "init_from's, e.g. a reference checkpoint's mix_ss_max_ratio)")
     disc_dim: int = _f(512, "discriminator width (reference reproduce script: 512)")
     disc_depth: int = _f(12, "discriminator blocks (reference: 12)")
     disc_heads: int = _f(8, "discriminator attention heads (reference: 8)")
@@ -60,7 +71,8 @@ class DataArguments:
     synthetic_per_class: int = _f(16, "synthetic set: clips per class (train); val uses a quarter, other seed")
     synthetic_background: str = _f("textured", "synthetic set: background style (larp_mllm.data.synthetic.BACKGROUNDS)",
                                    choices=list(BACKGROUNDS))
-    synthetic_object_size: str = _f("small", "synthetic set: shape radius range (larp_mllm.data.synthetic.OBJECT_SIZES)",
+    synthetic_object_size: str = _f("small",
+                                    "synthetic set: shape radius range (larp_mllm.data.synthetic.OBJECT_SIZES)",
                                     choices=sorted(OBJECT_SIZES))
     val_batches: int = _f(2, "validation batches (per process) for PSNR/SSIM/perceptual")
 
@@ -111,13 +123,13 @@ class TrainArguments:
     prior_lr_mult: float = _f(1.0, "prior lr = lr * this (1.0 = the reference's effective behaviour)")
     disc_every: int = _f(5, "one discriminator step every k optimizer steps (reference: 5); 0 disables the GAN")
     disc_start: int = _f(0, "first step of the GAN (D updates and the G adversarial term)")
-    ss_peak_frac: float = _f(0.3, "scheduled-sampling ratio ramps 0 -> ss_max_ratio over this fraction of steps")
-    ss_max_ratio: float = _f(0.5, "final scheduled-sampling ratio of the prior")
-    precision: str = _f("fp32", "'fp32', 'bf16', or 'fp16' (GPU only; dynamic loss scaling)",
+    precision: str = _f("fp32", "'fp32', 'bf16', or 'fp16' (GPU only; dynamic loss scaling): torch autocast over fp32 "
+                        "weights (DeepSpeed's torch_autocast section); the SVQ and prior stay fp32 islands",
                         choices=["fp32", "bf16", "fp16"])
     grad_clip: float = _f(0.0, "max global grad norm; 0 = no clipping (reference)")
     compile: bool = _f(False, "torch.compile the tokenizer and discriminator (DeepSpeed engine.compile)")
-    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON; 'auto' fields are filled from this config")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON (default: built-in ZeRO-2 = configs/deepspeed/zero2.json); its "
+                                        "'auto' fields are filled from this config (larp_mllm.runtime.deepspeed)")
     zero_stage: Optional[int] = _f(None, "override the JSON's ZeRO stage (0, 1 or 2)")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'", choices=["auto", "cpu", "cuda"])
     checkpoint_every: int = _f(1000, "write a resumable checkpoint every N steps (and at the end)")
@@ -149,59 +161,9 @@ class TrainConfig:
 _GROUPS = (ModelArguments, DataArguments, LossArguments, TrainArguments)
 
 
-def valid_keys() -> list[str]:
-    return sorted(f.name for g in _GROUPS for f in dataclasses.fields(g))
-
-
-def _reject(unknown: list[str], where: str) -> None:
-    valid = valid_keys()
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, valid, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ValueError(f"unknown config key(s) in {where}: {', '.join(hints)}. Valid keys: {', '.join(valid)}")
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a flat YAML config and check its keys."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path} (expected a flat YAML of training fields)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(valid_keys()))
-    if unknown:
-        _reject(unknown, str(path))
-    return data
-
-
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     """`--config file.yaml` (optional) then `--field value` overrides -> a checked TrainConfig."""
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(_GROUPS, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              description=__doc__ + "\n--config FILE: flat YAML of the fields below (CLI overrides)")
-    if known.config:
-        parser.set_defaults(**load_yaml(known.config))
-    rest = [a.replace("--local-rank", "--local_rank") for a in rest]  # torch.distributed.launch spelling
-    try:
-        model, data, loss, train, remaining = parser.parse_args_into_dataclasses(
-            args=rest, return_remaining_strings=True
-        )
-    except SystemExit as exc:  # argparse type errors exit; turn them into one ValueError
-        if exc.code == 0:
-            raise
-        raise ValueError(f"could not parse the arguments {rest}; see the message above") from None
-    if remaining:
-        _reject([a.split("=")[0].lstrip("-") for a in remaining if a.startswith("-")] or remaining, "the command line")
-    cfg = TrainConfig(model, data, loss, train)
+    cfg = TrainConfig(*parse_config_and_flags(_GROUPS, argv, description=__doc__))
     check_config(cfg)
     return cfg
 
@@ -216,10 +178,14 @@ def check_config(cfg: TrainConfig) -> None:
         if not cond:
             raise ValueError(f"config: {msg}")
 
-    need(cfg.model.preset in TOKENIZER_PRESETS,
+    need(cfg.model.preset is None or cfg.model.preset in TOKENIZER_PRESETS,
          f"preset must be one of {sorted(TOKENIZER_PRESETS)}, got {cfg.model.preset!r}")
     need(cfg.model.prior_ce_temperature is None or cfg.model.prior_ce_temperature > 0,
          f"prior_ce_temperature must be > 0, got {cfg.model.prior_ce_temperature}")
+    need(cfg.model.ss_max_ratio is None or 0 <= cfg.model.ss_max_ratio <= 1,
+         f"ss_max_ratio must be in [0, 1], got {cfg.model.ss_max_ratio}")
+    need(cfg.model.ss_peak_fraction is None or cfg.model.ss_peak_fraction >= 0,
+         f"ss_peak_fraction must be >= 0, got {cfg.model.ss_peak_fraction}")
     need(t.global_batch_size >= 1, f"global_batch_size must be >= 1, got {t.global_batch_size}")
     need(t.micro_batch_size is None or t.micro_batch_size >= 1, "micro_batch_size must be >= 1")
     need(t.max_steps is None or t.max_steps >= 1, f"max_steps must be >= 1, got {t.max_steps}")
@@ -248,99 +214,26 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DeepSpeed configuration
+# The tokenizer config and the DeepSpeed config this run asks for
 # ----------------------------------------------------------------------------------------------------------------------
-DEFAULT_DEEPSPEED: dict = {  # used when no --deepspeed JSON is given (= configs/deepspeed/zero2.json)
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "torch_autocast": {"enabled": "auto", "dtype": "auto"},
-    "zero_optimization": {"stage": 2, "overlap_comm": "auto", "contiguous_gradients": True,
-                          "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000},
-    "steps_per_print": 1_000_000_000,
-    "wall_clock_breakdown": False,
-}
+def model_config_overrides(cfg: TrainConfig) -> dict:
+    """The LARPTokenizerConfig fields this run sets explicitly. Fields left None keep the value of the tokenizer's
+    own config: the preset's, or the init_from checkpoint's (a reference checkpoint's mix_ss_* and
+    latent_ce_temperature). Applied to the model's config, they are saved with it."""
+    m = cfg.model
+    values = {"prior_ce_temperature": m.prior_ce_temperature, "ss_max_ratio": m.ss_max_ratio,
+              "ss_peak_fraction": m.ss_peak_fraction}
+    return {k: v for k, v in values.items() if v is not None}
 
 
-@dataclass
-class BatchLayout:
-    """How the global batch is split: global = micro * grad_accum * world."""
-
-    global_batch: int
-    micro_batch: int
-    grad_accum: int
-    world: int
-
-
-def batch_layout(train: TrainArguments, world: int) -> BatchLayout:
-    g = train.global_batch_size
-    micro = train.micro_batch_size or (g // world)
-    if micro < 1 or g % (micro * world):
-        raise ValueError(f"global_batch_size {g} must be a multiple of micro_batch_size {micro} x {world} processes")
-    return BatchLayout(g, micro, g // (micro * world), world)
+PRECISION_HINT = ("The tokenizer trainer keeps fp32 weights (the SVQ and the prior run as fp32 islands); ask for mixed "
+                  "precision with `precision: bf16` or `fp16` in the training config (torch autocast).")
 
 
 def deepspeed_config(cfg: TrainConfig, layout: BatchLayout, on_gpu: bool) -> dict:
-    """Load the JSON (or the built-in ZeRO-2 default) and fill every "auto" field from the training config."""
-    import copy
-
+    """The JSON of `--deepspeed` (or the built-in ZeRO-2 default) with every "auto" filled from this config
+    (larp_mllm.runtime.deepspeed): the batch layout, grad_clip, precision as torch autocast, zero_stage."""
     t = cfg.train
-    if t.deepspeed:
-        path = Path(t.deepspeed)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config not found: {path} (expected a JSON such as "
-                                    f"configs/deepspeed/zero2.json)")
-        ds = json.loads(path.read_text())
-    else:
-        ds = copy.deepcopy(DEFAULT_DEEPSPEED)
-    if t.precision == "fp16" and not on_gpu:
-        raise ValueError("precision fp16 needs a GPU (DeepSpeed's fp16 loss scaling is GPU-only); use bf16 or fp32")
-    if "optimizer" in ds or "scheduler" in ds:
-        raise ValueError(f"{t.deepspeed}: remove 'optimizer'/'scheduler'; the trainer builds Adam (betas from the "
-                         f"YAML) and sets the learning rate itself from the warmup+cosine schedule")
-    fill = {
-        "train_batch_size": layout.global_batch,
-        "train_micro_batch_size_per_gpu": layout.micro_batch,
-        "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": t.grad_clip,
-    }
-    for key, value in fill.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise ValueError(f"DeepSpeed config sets {key}={ds[key]} but the training config implies {value}; "
-                             f"set it to \"auto\"")
-    for name in ("bf16", "fp16"):  # DeepSpeed's pure low-precision modes would cast the fp32 SVQ/prior islands
-        if ds.get(name, {}).get("enabled", False) not in (False, "auto"):
-            raise ValueError(f"DeepSpeed config enables {name!r}; set precision: bf16/fp16 in the training config "
-                             f"instead (mixed precision through the \"torch_autocast\" section)")
-        ds.pop(name, None)
-    amp = ds.setdefault("torch_autocast", {})
-    if amp.get("enabled", "auto") == "auto":
-        amp["enabled"] = t.precision != "fp32"
-    if amp.get("dtype", "auto") == "auto":
-        amp["dtype"] = {"fp16": "float16"}.get(t.precision, "bfloat16")
-    if amp["enabled"] != (t.precision != "fp32"):
-        raise ValueError(f"DeepSpeed config has torch_autocast.enabled={amp['enabled']} but precision={t.precision}")
-    zero = ds.setdefault("zero_optimization", {})
-    if t.zero_stage is not None:
-        zero["stage"] = t.zero_stage
-    elif zero.get("stage", "auto") == "auto":
-        zero["stage"] = 2
-    if zero["stage"] not in (0, 1, 2):
-        raise ValueError(f"ZeRO stage {zero['stage']} is not supported (0, 1 or 2)")
-    if zero.get("overlap_comm", "auto") == "auto":
-        zero["overlap_comm"] = on_gpu
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ValueError(f"DeepSpeed config: cannot fill \"auto\" for {leftover}")
-    return ds
-
-
-def _walk(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
+    return resolve_deepspeed_config(t.deepspeed, StageSettings(
+        on_gpu=on_gpu, batch=layout, gradient_clipping=t.grad_clip, autocast=t.precision, zero_stage=t.zero_stage,
+        zero_stages=(0, 1, 2), builds_optimizer=True, precision_hint=PRECISION_HINT))

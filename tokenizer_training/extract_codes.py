@@ -1,15 +1,17 @@
 """Run a LARP tokenizer (deterministic VQ) over a video dataset and write code shards + manifest.json.
 
-    larp-extract-codes --checkpoint runs/larp --csv data/ucf101_train.csv --out runs/codes/ucf_train --mode chunks
-    larp-extract-codes --checkpoint runs/larp --ucf101 data/UCF-101 --splits-dir data/ucfTrainTestlist \\
-        --split 1 --subset train --out runs/codes/ucf_train --flip --dtype bf16 --batch-size 64
-    torchrun --nproc-per-node 4 -m tokenizer_training.extract_codes --checkpoint runs/larp --csv ... --out ...
+    larp-extract-codes --larp-tokenizer runs/larp --csv data/ucf101_train.csv --output-dir runs/codes/ucf_train
+    larp-extract-codes --larp-tokenizer runs/larp --ucf101-root data/UCF-101 --ucf101-splits data/ucfTrainTestlist \\
+        --split 1 --subset train --output-dir runs/codes/ucf_train --flip --dtype bf16 --batch-size 64
+    torchrun --nproc-per-node 4 -m tokenizer_training.extract_codes --larp-tokenizer runs/larp --csv ... \\
+        --output-dir ...
     larp-extract-codes <same arguments> --finalize     # only (re)write manifest.json from the finished shards
 
-Datasets: ``--csv`` (reference format id,path,action,label), ``--ucf101`` (+ official split files), ``--folder``
-(class = sub-folder) or ``--caption-csv`` (path,caption). ``--mode chunks`` codes every non-overlapping clip of each
-video (the chunk index is cached in ``OUT/chunk_index.json``); ``--mode random`` codes one seeded random window per
-video. The clip shape is the tokenizer's (``tok.video_shape``).
+Datasets (the options every CLI shares, ``larp_mllm.data.records.add_dataset_args``): ``--csv`` (reference format
+id,path,action,label), ``--ucf101-root`` (+ ``--ucf101-splits``, the official split files), ``--folder`` (class =
+sub-folder) or ``--caption-csv`` (path,caption). ``--mode chunks`` (default) codes every non-overlapping clip of each
+video (the chunk index is cached in ``OUTPUT_DIR/chunk_index.json``); ``--mode random`` codes one seeded random
+window per video. The clip shape is the tokenizer's (``tok.video_shape``).
 
 Shards: shard ``i`` holds examples ``[i * shard_size, (i + 1) * shard_size)`` of the example list, so the set of
 shards does not depend on the number of processes. Process ``RANK`` of ``WORLD_SIZE`` (set by torchrun; no process
@@ -36,9 +38,9 @@ from tqdm import tqdm
 
 from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
 from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
-from larp_mllm.runtime.processes import loader_workers
-from larp_mllm.data.records import VideoRecord, caption_csv_records, csv_records, folder_records, ucf101_records
 from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.data.records import add_dataset_args, dataset_source, records_from_args
+from larp_mllm.runtime.processes import loader_workers
 
 logger = logging.getLogger("larp-extract-codes")
 
@@ -46,55 +48,36 @@ logger = logging.getLogger("larp-extract-codes")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="LARPTokenizer folder (config.json + model.safetensors)")
+    model.add_argument("--larp-tokenizer", help="LARPTokenizer folder (config.json + model.safetensors)")
     model.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="random-init preset (tests, demos)")
     p.add_argument("--preset-seed", type=int, default=0, help="torch seed for --preset weights")
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--csv", help="reference-format CSV (id,path,action,label[,caption])")
-    data.add_argument("--ucf101", help="UCF101 video folder (<Class>/v_<Class>_gXX_cYY.avi); needs --splits-dir")
-    data.add_argument("--folder", help="folder of videos, class = sub-folder")
-    data.add_argument("--caption-csv", help="CSV with the columns path,caption")
-    p.add_argument("--root", help="folder that relative CSV paths start from (default: the CSV's folder)")
-    p.add_argument("--splits-dir", help="folder with classInd.txt, trainlist0N.txt, testlist0N.txt")
-    p.add_argument("--split", type=int, default=1)
-    p.add_argument("--subset", choices=["train", "test"], default="train")
-    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    add_dataset_args(p)
+    p.add_argument("--output-dir", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--mode", choices=["chunks", "random"], default="chunks")
     p.add_argument("--seed", type=int, default=0, help="seed of the random windows (--mode random)")
     p.add_argument("--flip", action="store_true", help="also store codes of the horizontally flipped clips")
     p.add_argument("--no-pad-short", action="store_true", help="skip videos shorter than a clip instead of padding")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--shard-size", type=int, default=2048, help="examples per shard")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (the VQ stays fp32)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--backend", choices=["auto", "av", "decord"], default="auto", help="video decoder")
     p.add_argument("--max-shards", type=int, default=None, help="stop after writing this many shards (time limits)")
     p.add_argument("--finalize", action="store_true", help="only write manifest.json (every shard must exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace codes of a different run found in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace codes of a different run found in --output-dir")
     args = p.parse_args(argv)
-    if args.ucf101 and not args.splits_dir:
-        p.error("--ucf101 needs --splits-dir")
+    try:
+        dataset_source(args)  # exactly one dataset, --ucf101-root with --ucf101-splits
+    except ValueError as err:
+        p.error(str(err))
     if args.batch_size < 1 or args.shard_size < 1:
         p.error("--batch-size and --shard-size must be >= 1")
     return args
 
 
-def load_records(args: argparse.Namespace) -> tuple[list[VideoRecord], str]:
-    """The dataset's records and a one-line description of where they came from."""
-    if args.csv:
-        return csv_records(args.csv, args.root), f"csv:{args.csv}"
-    if args.ucf101:
-        return (ucf101_records(args.ucf101, args.splits_dir, args.split, args.subset),
-                f"ucf101:{args.ucf101} split {args.split} {args.subset}")
-    if args.folder:
-        return folder_records(args.folder), f"folder:{args.folder}"
-    return caption_csv_records(args.caption_csv, args.root), f"caption-csv:{args.caption_csv}"
-
-
 def load_tokenizer(args: argparse.Namespace) -> tuple[LARPTokenizer, str]:
-    if args.checkpoint:
-        return LARPTokenizer.from_pretrained(args.checkpoint), str(Path(args.checkpoint).resolve())
+    if args.larp_tokenizer:
+        return LARPTokenizer.from_pretrained(args.larp_tokenizer), str(Path(args.larp_tokenizer).resolve())
     torch.manual_seed(args.preset_seed)
     return LARPTokenizer.from_preset(args.preset), f"preset:{args.preset}:seed{args.preset_seed}"
 
@@ -146,7 +129,7 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
         start, end = s * args.shard_size, min((s + 1) * args.shard_size, len(ds))
         plan += [(s, list(range(b, min(b + args.batch_size, end)))) for b in range(start, end, args.batch_size)]
     loader = DataLoader(ds, batch_sampler=[idx for _, idx in plan], collate_fn=collate_clips,
-                        pin_memory=device.type == "cuda", **loader_workers(args.num_workers))  # spawned, not forked
+                        pin_memory=device.type == "cuda", **loader_workers(args.workers))  # spawned, not forked
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     parts: list[ShardData] = []
     skipped = total_skipped = 0
@@ -190,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     _, num_frames, height, width = tok.video_shape
     if height != width:
         raise ValueError(f"extraction reads square clips; the tokenizer expects {height}x{width}")
-    out = Path(args.out)
-    records, source = load_records(args)
+    out = Path(args.output_dir)
+    source, records = dataset_source(args), records_from_args(args)
     ds = ClipDataset(records, num_frames=num_frames, size=height, mode=args.mode, seed=args.seed, flip=False,
                      pad_short=not args.no_pad_short, cache_path=out / "chunk_index.json", backend=args.backend)
     if len(ds) == 0:

@@ -22,7 +22,7 @@ from larp_mllm import TokenizerOutput
 
 __all__ = [
     "GeneratorLosses", "DiscriminatorLosses", "LeCamEMA", "TokenizerLoss",
-    "d_loss_ns_smooth", "g_loss_nonsaturating", "lecam_regularizer", "build_perceptual",
+    "d_loss_ns_smooth", "g_loss_nonsaturating", "lecam_regularizer",
 ]
 
 
@@ -87,26 +87,8 @@ def lecam_regularizer(logits_real: torch.Tensor, logits_fake: torch.Tensor, ema:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Perceptual
+# Perceptual (the network itself: larp_mllm.eval.perceptual.build_perceptual)
 # ----------------------------------------------------------------------------------------------------------------------
-def build_perceptual(backend: str, weights: Optional[str] = None, device: str | torch.device = "cpu"
-                     ) -> Optional[nn.Module]:
-    """A frozen perceptual distance (videos (B,3,T,H,W) x2 in [0, 1] -> (B,)), or None for 'none'.
-
-    'stlpips': shift-tolerant LPIPS-VGG whose weights ship in the stlpips-pytorch package (offline default);
-    'lpips-vgg': standard LPIPS-VGG (the reference's loss) from the user's weights: one file holding an
-    ``lpips.LPIPS(net='vgg')`` state dict, or two comma-separated files (torchvision's ImageNet VGG16
-    ``vgg16-397923af.pth`` and the lpips package's ``lpips/weights/v0.1/vgg.pth``); see larp_mllm/eval/perceptual.py.
-    """
-    if backend == "none":
-        return None
-    from larp_mllm.eval.perceptual import build_perceptual as _build
-
-    files = [w.strip() for w in weights.split(",")] if weights else None
-    net = _build(backend=backend, weights=files[0] if files and len(files) == 1 else files, device=device)
-    return net.eval().requires_grad_(False)
-
-
 def perceptual_video(net: nn.Module, video: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Mean per-frame perceptual distance; videos (B, 3, T, H, W) in [0, 1] (recon unclamped)."""
     return net(recon.float(), video.float()).mean()

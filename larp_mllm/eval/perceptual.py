@@ -260,15 +260,23 @@ def load_perceptual(weights: str | os.PathLike | Sequence[str | os.PathLike] | N
     return module.to(device)
 
 
-def build_perceptual(backend: str = "stlpips", weights: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                     device: str | torch.device = "cpu") -> PerceptualDistance:
-    """Backend by name (as the training config spells it): 'stlpips' (shipped weights; `weights` unused) or
-    'lpips-vgg' (standard LPIPS-VGG; `weights` = the user's file(s), see ``load_perceptual``)."""
+def build_perceptual(backend: str, weights: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                     device: str | torch.device = "cpu") -> PerceptualDistance | None:
+    """The frozen perceptual distance named by `backend` (videos (B, 3, T, H, W) x2 in [0, 1] -> (B,)), or None.
+
+    'stlpips': ST-LPIPS-VGG with the weights shipped in stlpips-pytorch (`weights` unused); 'lpips-vgg': standard
+    LPIPS-VGG (the reference's loss) from the user's `weights` (see ``load_perceptual``): one path, a sequence of
+    two paths, or the two paths in one comma-separated string (the training config's spelling); 'none': None.
+    """
+    if backend == "none":
+        return None
     if backend == "stlpips":
         return load_perceptual(None, "vgg", device)
-    if backend in ("lpips-vgg", "lpips"):
+    if backend == "lpips-vgg":
         if weights is None:
             raise ValueError("perceptual backend 'lpips-vgg' needs weights: an lpips.LPIPS(net='vgg') state dict, "
                              "or [torchvision vgg16 ImageNet weights, lpips weights/v0.1/vgg.pth]")
+        if isinstance(weights, str) and "," in weights:
+            weights = [w.strip() for w in weights.split(",")]
         return load_perceptual(weights, "vgg", device)
-    raise ValueError(f"perceptual backend must be 'stlpips' or 'lpips-vgg', got {backend!r}")
+    raise ValueError(f"perceptual backend must be 'stlpips', 'lpips-vgg' or 'none', got {backend!r}")

@@ -87,33 +87,6 @@ class StochasticVQ(nn.Module):
             entropy = code_entropy_loss(cos, entropy_temperature) if entropy_temperature is not None else None
         return QuantizerOutput(quantized, indices, commit, codebook_loss, entropy)
 
-    @torch.no_grad()
-    def restart_codes(
-        self, vectors: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> int:
-        """Move codebook rows (all, or those where the bool `mask` (K,) is set) onto vectors drawn from `vectors`.
-
-        A data-dependent init / dead-code restart (not in the reference, which keeps kaiming init and no restarts):
-        `vectors` (M, d) are encoder outputs, drawn without replacement while M allows. Returns the rows moved.
-        Callers in a distributed job must pass the same vectors and generator state on every rank.
-        """
-        rows = torch.arange(self.codebook_size, device=self.embedding.weight.device)
-        if mask is not None:
-            rows = rows[mask.to(rows.device)]
-        if rows.numel() == 0:
-            return 0
-        vectors = F.normalize(vectors.detach().reshape(-1, self.dim).float(), dim=-1)
-        n = vectors.shape[0]
-        if n >= rows.numel():
-            pick = torch.randperm(n, generator=generator)[: rows.numel()]
-        else:
-            pick = torch.randint(n, (rows.numel(),), generator=generator)
-        chosen = vectors[pick.to(vectors.device)]  # (R, d)
-        # a little noise separates duplicates drawn from a small pool
-        noise = torch.randn(chosen.shape, generator=generator).to(chosen.device) * 1e-3
-        self.embedding.weight[rows] = F.normalize(chosen + noise, dim=-1).to(self.embedding.weight.dtype)
-        return int(rows.numel())
-
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, N) -> normalised code vectors (B, N, d) in fp32."""
         return F.embedding(indices, self.codebook())

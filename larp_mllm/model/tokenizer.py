@@ -54,7 +54,10 @@ class LARPTokenizerConfig:
     prior_max_len: Optional[int] = None  # learned PE length; None -> max(1024, num_tokens) as the reference
     prior_ce_temperature: float = 1.0
     prior_rounds: int = 2  # scheduled-sampling rounds, CE averaged over them
-    ss_max_ratio: float = 0.5  # read by the trainer's ss_ratio schedule (the module takes the ratio as input)
+    # The prior's scheduled-sampling schedule (reference mix_ss_*): the ratio ramps 0 -> ss_max_ratio over the first
+    # ss_peak_fraction of the training steps. The trainer computes the ratio of each step from these two fields
+    # (tokenizer_training.schedules.ss_ratio) and passes it to `forward`; its arguments can override them.
+    ss_max_ratio: float = 0.5
     ss_peak_fraction: float = 0.3
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the source checkpoint); not used
 
@@ -79,6 +82,9 @@ class LARPTokenizerConfig:
         need(self.prior == "none" or self.prior in PRIOR_PRESETS,
              f"prior must be 'none' or one of {sorted(PRIOR_PRESETS)}, got {self.prior!r}")
         need(self.prior_rounds >= 1, f"prior_rounds must be >= 1, got {self.prior_rounds}")
+        need(self.prior_ce_temperature > 0, f"prior_ce_temperature must be > 0, got {self.prior_ce_temperature}")
+        need(0 <= self.ss_max_ratio <= 1, f"ss_max_ratio must be in [0, 1], got {self.ss_max_ratio}")
+        need(self.ss_peak_fraction >= 0, f"ss_peak_fraction must be >= 0, got {self.ss_peak_fraction}")
         if self.prior_max_len is None:
             self.prior_max_len = max(1024, self.num_tokens)
         need(self.prior_max_len >= self.num_tokens,
@@ -89,11 +95,6 @@ class LARPTokenizerConfig:
         """(t, h, w) patch grid of the encoder input and the decoder output."""
         s = self.input_size // self.patch_size
         return self.frame_num // self.temporal_patch_size, s, s
-
-    @property
-    def num_patches(self) -> int:
-        t, h, w = self.patch_grid
-        return t * h * w
 
 
 TOKENIZER_PRESETS: dict[str, LARPTokenizerConfig] = {
@@ -256,9 +257,6 @@ class LARPTokenizer(nn.Module):
         prior = {id(p) for p in self.prior_parameters()}
         return (p for p in self.parameters() if id(p) not in prior)
 
-    def decoder_last_layer(self) -> torch.Tensor:
-        return self.final_layer.linear.weight
-
     # ------------------------------------------------------------------------------------------------ checks
     def _check_video(self, video: torch.Tensor) -> None:
         expected = self.video_shape
@@ -319,12 +317,6 @@ class LARPTokenizer(nn.Module):
         x = x.reshape(x.shape[0], t, h, w, pt, p, p, c.in_channels)  # (B, t, h, w, pt, p, p, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, pt, h, p, w, p)
         return x.reshape(x.shape[0], c.in_channels, t * pt, h * p, w * p)  # (B, C, T, H, W)
-
-    @torch.no_grad()
-    def bottleneck_vectors(self, video: torch.Tensor) -> torch.Tensor:
-        """Video (B, 3, T, H, W) -> the l2-normalised pre-quantization vectors (B*N, d) (for codebook restarts)."""
-        z = self.bottleneck.in_linear(self.encode(video)).float()  # (B, N, d)
-        return torch.nn.functional.normalize(z, dim=-1).reshape(-1, self.codebook_dim)  # (B*N, d)
 
     @torch.no_grad()
     def tokenize(self, video: torch.Tensor, deterministic: bool = True) -> torch.Tensor:

@@ -1,1 +1,3 @@
-"""Runtime helpers shared by both stages: atomic file writes, cross-process locks, safe file names."""
+"""Runtime helpers shared by both stages: atomic file writes, cross-process locks, safe file names (files);
+spawned worker processes (processes); YAML + flags -> argument dataclasses (config); the single-process
+distributed environment (distributed); DeepSpeed JSONs with one meaning per "auto" key (deepspeed)."""
