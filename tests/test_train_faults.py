@@ -3,9 +3,11 @@ pruning an old checkpoint, and while replacing an existing step folder; every re
 the uninterrupted run's weights, and no `step_*` folder is ever incomplete. DeepSpeed subprocesses, CPU, gloo."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from test_train_tokenizer import COMMON, HALF, STEPS, full_run, max_abs_diff, run_train, synthetic_csvs  # noqa: F401
+from test_train_tokenizer import (COMMON, HALF, STEPS, full_run, log_rows, max_abs_diff, run_train,  # noqa: F401
+                                  synthetic_csvs)
 
 from larp_mllm import LARPTokenizer
 from tokenizer_training.checkpointing import KILL_HOOK_ENV, list_checkpoints
@@ -57,6 +59,12 @@ def test_killed_while_replacing_a_step_folder_keeps_the_complete_one(full_run, s
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     assert max_abs_diff(out / "final", full_run / "final") <= 1e-6
     assert max_abs_diff(root / _step(STEPS) / "model", full_run / "final") <= 1e-6
+    # the log holds every step once (the attempts' rows after their resume point were dropped), and the checkpoint
+    # written by the attempt that resumed from step 10 carries that attempt's config
+    steps = [r["step"] for r in log_rows(out) if "loss/l2" in r]
+    assert steps == list(range(1, STEPS + 1)), steps
+    config = json.loads((root / _step(STEPS) / "trainer_state.json").read_text())["config"]
+    assert config["resume"] == str(root / _step(HALF))
 
 
 def test_same_config_and_seed_give_the_same_weights_in_any_folder(tmp_path):

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from larp_mllm.runtime.files import atomic_write_text
+
 logger = logging.getLogger("larp.train")
 
 
@@ -71,16 +73,40 @@ def replicas_agree(module: torch.nn.Module, device: torch.device) -> bool:
 
 
 class Reporter:
-    """Console + TensorBoard + `log.jsonl` (one JSON object per call) on rank 0; TensorBoard imported lazily."""
+    """Console + TensorBoard + `log.jsonl` (one JSON object per call) on rank 0; TensorBoard imported lazily.
 
-    def __init__(self, out_dir: Path, rank: int):
+    A run that starts at `start_step` (resumed from that checkpoint, or 0) drops what an earlier attempt logged after
+    it: rows of `log.jsonl` with a larger step are removed and TensorBoard purges its events from that step on, so a
+    killed and resumed run logs every step once.
+    """
+
+    def __init__(self, out_dir: Path, rank: int, start_step: int = 0):
         self.rank = rank
         self.writer = None
         self.jsonl = out_dir / "log.jsonl"
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            dropped = self._drop_rows_after(start_step)
+            if dropped:
+                logger.warning("log.jsonl: dropped %d rows after step %d, logged by an attempt that did not finish",
+                               dropped, start_step)
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def _drop_rows_after(self, step: int) -> int:
+        if not self.jsonl.is_file():
+            return 0
+        def keep(row: str) -> bool:  # a row cut short by the kill is dropped too
+            try:
+                return json.loads(row).get("step", 0) <= step
+            except ValueError:
+                return False
+
+        rows = self.jsonl.read_text().splitlines()
+        kept = [r for r in rows if keep(r)]
+        if len(kept) != len(rows):
+            atomic_write_text(self.jsonl, "".join(r + "\n" for r in kept))
+        return len(rows) - len(kept)
 
     def scalars(self, step: int, values: dict[str, float], console: bool = True) -> None:
         if self.rank != 0:

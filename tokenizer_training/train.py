@@ -247,10 +247,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     resume_from = resume_checkpoint(t.resume, out_dir)  # only this run's own checkpoints (they hold pickles)
     if resume_from is not None:
         state = load_checkpoint(resume_from, engines, dist.rank)
+        state.config = cfg.to_dict()  # checkpoints from here on carry the config this run actually uses
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
                     state.batch_in_epoch)
     lecam = LeCamEMA(state.lecam_real, state.lecam_fake, lcfg.lecam_ema_decay)
-    reporter = Reporter(out_dir, dist.rank)
+    reporter = Reporter(out_dir, dist.rank, start_step=state.step)
     stats = RunningStats(tok.codebook_size)
     if dist.rank == 0:
         n_g = sum(p.numel() for p in tok.parameters())
