@@ -245,7 +245,8 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
               "num_samples": fake.count, "num_real": real.stats.count, "detector": fake.detector,
               "fvd_note": fvd_note(fake.detector),
               **dataclasses.asdict(plan.settings), "model": plan.model, "codebook_hash": plan.codebook_hash,
-              "real_stats": plan.real_stats, "num_classes": len(set(plan.labels)), "num_shards": count,
+              "real_stats": plan.real_stats, "real_data_faults": real.data_faults,
+              "num_classes": len(set(plan.labels)), "num_shards": count,
               "generation_seconds": round(seconds, 2), "seconds_per_video": round(seconds / max(1, fake.count), 4),
               "grids": [str(p) for p in grids], "key": plan.key}
     atomic_write_json(out_dir / REPORT_FILE, report, indent=2)
@@ -289,7 +290,8 @@ def _real_set(args: argparse.Namespace, larp: Any, device: torch.device) -> Any:
         raise ValueError(f"give --real-stats FILE or a dataset ({err})") from None
     _, frames, height, _ = larp.video_shape
     return real_stats(records, args.cache_dir, num_samples=args.num_samples, seed=args.real_seed,
-                      num_frames=frames, size=height, i3d_path=args.i3d, workers=args.workers, device=device)
+                      num_frames=frames, size=height, i3d_path=args.i3d, workers=args.workers, device=device,
+                      max_bad_fraction=args.max_bad_fraction)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,8 @@ resumed run sees the same examples as an uninterrupted one; the trainer calls ``
 
 Checks run in the constructor, before any training: no examples, codes of another codebook than the vocabulary's
 (both hashes named), a different N or K, missing class names / captions, and sequences longer than the context.
+A damaged code folder (a listed shard missing, cut or holding codes outside the codebook) never reaches it:
+``load_code_shards`` refuses it with one ``CodeFolderError`` naming the file; no training data is skipped silently.
 ``video_token_stats`` measures a batch's loss / accuracy on the code positions alone (the trainer logs it).
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from larp_mllm.data import clips as data_mod
 from larp_mllm.data.records import VideoRecord, caption_csv_records, class_names_of, csv_records, folder_records, ucf101_records, ucf_action
-from larp_mllm.data.clips import Clip, ClipBatch, ClipDataset, SkipCounter, Skipped, build_chunk_index, collate_clips
+from larp_mllm.data.clips import Clip, ClipBatch, ClipDataset, DataFaults, Skipped, build_chunk_index, collate_clips
 from larp_mllm.runtime.processes import loader_workers
 from larp_mllm.data.video_io import read_video
 from larp_mllm.data.video_write import write_video
@@ -145,8 +145,8 @@ def messy_folder(tmp_path) -> Path:
     return root
 
 
-def _run(ds: ClipDataset, workers: int, batch_size: int = 2) -> tuple[list[ClipBatch], SkipCounter]:
-    counter = SkipCounter()
+def _run(ds: ClipDataset, workers: int, batch_size: int = 2) -> tuple[list[ClipBatch], DataFaults]:
+    counter = DataFaults(max_bad_fraction=1.0)
     batches = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate_clips, **loader_workers(workers)):
         counter.update(batch)
@@ -164,12 +164,12 @@ def test_corrupt_files_skipped_and_counted_with_workers(messy_folder, caplog, ba
     good = sorted(i for i, r in enumerate(recs) if r.path.name in {"c1.mp4", "c2.mp4", "d1.mp4"})
     assert got == good  # every good clip, including the 5-frame one (padded)
     assert all(b.video.shape[1:] == (3, 8, 16, 16) for b in batches)
-    assert counter.num_skipped == 2
+    assert counter.counts() == {"good": 3, "missing": 0, "unreadable": 2, "too_short": 0, "wrong_size": 0}
     assert any("truncated.mp4" in e for e in counter.examples) and any("not_a_video" in e for e in counter.examples)
     with caplog.at_level(logging.WARNING):
-        msg = counter.end_epoch(0)
-    assert "skipped 2 corrupt/short files" in msg and "skipped 2" in caplog.text
-    assert counter.num_skipped == 0  # reset for the next epoch
+        epoch = counter.end_epoch(0)
+    assert epoch["unreadable"] == 2 and "epoch 0: 3 good, 0 missing, 2 unreadable" in caplog.text
+    assert counter.epoch == [0] * 5 and counter.counts()["unreadable"] == 2  # a new epoch; the run's totals kept
     chunks = ClipDataset(recs, num_frames=8, size=16, mode="chunks", backend=backend)
     assert chunks.num_index_skipped == 2
     assert sorted(chunks.chunk_index.entries) == sorted([(good[0], 0), (good[1], 0), (good[1], 1), (good[2], 0)])
@@ -182,7 +182,7 @@ def test_short_clips_padded_or_skipped(messy_folder):
     assert torch.equal(clip.video[:, 5:], clip.video[:, 4:5].expand(-1, 3, -1, -1))
     assert torch.allclose(clip.video[:, :5], read_video(recs[0].path, size=16), atol=1e-6)
     skipped = ClipDataset(recs, num_frames=8, size=16, pad_short=False)[0]
-    assert isinstance(skipped, Skipped) and skipped.reason.startswith("short")
+    assert isinstance(skipped, Skipped) and skipped.kind == "too_short" and skipped.reason.startswith("5 frames")
     assert len(ClipDataset(recs, num_frames=8, size=16, mode="chunks", pad_short=False)) == 0
     empty = collate_clips([skipped])
     assert empty.video.shape == (0, 3, 8, 16, 16) and empty.num_skipped == 1 and empty.label.numel() == 0

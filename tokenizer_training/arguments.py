@@ -140,6 +140,11 @@ class TrainArguments:
     log_every: int = _f(10, "console/TensorBoard scalars every N steps")
     val_every: int = _f(0, "validation (PSNR/SSIM/perceptual) + reconstruction videos every N steps; 0 = end only")
     max_bad_steps: int = _f(20, "abort (after a checkpoint) when more than this many non-finite losses were skipped")
+    max_bad_data_fraction: float = _f(
+        0.5, "data faults (larp_mllm.data.faults): clips that are missing, unreadable, too short or of the wrong size "
+             "are skipped and counted by kind; the run stops with the counts when more than this share of the "
+             "training (or validation) files is missing before the first step, or of an epoch's clips was bad (after "
+             "a checkpoint); 1 stops only when no clip at all is readable")
     local_rank: int = _f(-1, "set by the deepspeed launcher; the LOCAL_RANK environment variable wins")
 
 
@@ -196,6 +201,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(t.zero_stage in (None, 0, 1, 2), f"zero_stage must be 0, 1 or 2 (ZeRO-3 is not supported), got {t.zero_stage}")
     need(t.checkpoint_every >= 1 and t.keep_last >= 1, "checkpoint_every and keep_last must be >= 1")
     need(t.grad_clip >= 0, f"grad_clip must be >= 0, got {t.grad_clip}")
+    need(0 <= t.max_bad_data_fraction <= 1, f"max_bad_data_fraction must be in [0, 1], got {t.max_bad_data_fraction}")
     need(0 <= lo.lecam_ema_decay < 1, "lecam_ema_decay must be in [0, 1)")
     need(t.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {t.precision!r}")
     need(t.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {t.device!r}")

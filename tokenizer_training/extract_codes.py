@@ -18,8 +18,11 @@ shards does not depend on the number of processes. Process ``RANK`` of ``WORLD_S
 group is created) writes the shards ``i % WORLD_SIZE == RANK``. Each shard is written atomically and records a run
 key (a hash of the weights, the example list and every setting), so an interrupted run restarted with the same
 arguments skips the shards already written and produces the same files as an uninterrupted run. Whichever process
-finishes last (sees every shard on disk) writes ``manifest.json``; ``--finalize`` does only that step. Unreadable
-videos are skipped and counted (see ``larp_mllm.data.codes`` for the file format).
+finishes last (sees every shard on disk) writes ``manifest.json``; ``--finalize`` does only that step (see
+``larp_mllm.data.codes`` for the file format). Videos that cannot be used are skipped and counted by kind (missing,
+unreadable, too_short, wrong_size; ``larp_mllm.data.faults``): in each shard's header, the manifest's
+``data_faults`` and the summary line; when more than ``--max-bad-fraction`` of them are bad the run stops with the
+counts and a few paths.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from tqdm import tqdm
 
 from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
 from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
-from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.data.clips import ClipDataset, DataFaults, collate_clips
+from larp_mllm.data.faults import FAULT_KINDS, min_items_to_judge
 from larp_mllm.data.records import add_dataset_args, dataset_source, records_from_args
 from larp_mllm.runtime.processes import loader_workers
 
@@ -118,12 +122,14 @@ def make_manifest(tok: LARPTokenizer, ds: ClipDataset, args: argparse.Namespace,
         num_frames=ds.num_frames, size=ds.size, seed=ds.seed, has_flip=bool(args.flip), shard_size=args.shard_size,
         num_examples=len(ds), num_index_skipped=ds.num_index_skipped, class_names=ds.class_names,
         videos=[VideoEntry(str(r.path), r.label, r.class_name, r.caption) for r in ds.records],
+        index_faults={k: sum(f.kind == k for f in ds.index_faults()) for k in FAULT_KINDS},
     )
 
 
 def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter, shards: list[int],
-                   args: argparse.Namespace, device: torch.device, rank: int) -> int:
-    """Code the examples of ``shards`` and write each shard as soon as its last batch is done; returns skips."""
+                   args: argparse.Namespace, device: torch.device, rank: int, faults: DataFaults) -> None:
+    """Code the examples of ``shards`` and write each shard as soon as its last batch is done; the examples that
+    cannot be used are counted in `faults` (DataFaultError when too many are bad) and in each shard's header."""
     plan: list[tuple[int, list[int]]] = []  # (shard, example indices of one batch); batches never cross shards
     for s in shards:
         start, end = s * args.shard_size, min((s + 1) * args.shard_size, len(ds))
@@ -132,10 +138,12 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
                         pin_memory=device.type == "cuda", **loader_workers(args.workers))  # spawned, not forked
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     parts: list[ShardData] = []
-    skipped = total_skipped = 0
+    shard_faults: dict[str, int] = {}
     bar = tqdm(total=sum(len(idx) for _, idx in plan), desc=f"rank {rank} coding", unit="clip", disable=None)
     for n, ((shard, idx), batch) in enumerate(zip(plan, loader)):
-        skipped += batch.num_skipped
+        faults.update(batch)
+        for kind, count in batch.fault_counts().items():
+            shard_faults[kind] = shard_faults.get(kind, 0) + count
         if batch.video.shape[0] > 0:
             video = batch.video.to(device, non_blocking=True)  # (B, 3, T, H, W)
             with torch.inference_mode(), autocast:
@@ -154,13 +162,9 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
                 if args.flip else None,
             )
             start, end = shard * args.shard_size, min((shard + 1) * args.shard_size, len(ds))
-            writer.write(shard, start, end, data, skipped)
-            if skipped:
-                logger.warning("shard %d: skipped %d corrupt/short clips", shard, skipped)
-            total_skipped += skipped
-            parts, skipped = [], 0
+            writer.write(shard, start, end, data, sum(shard_faults.values()), shard_faults)
+            parts, shard_faults = [], {}
     bar.close()
-    return total_skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     source, records = dataset_source(args), records_from_args(args)
     ds = ClipDataset(records, num_frames=num_frames, size=height, mode=args.mode, seed=args.seed, flip=False,
                      pad_short=not args.no_pad_short, cache_path=out / "chunk_index.json", backend=args.backend)
+    faults = DataFaults(args.max_bad_fraction, min_items=min_items_to_judge(args.batch_size, len(ds)),
+                        name=source if world == 1 else f"{source} (rank {rank})", option="--max-bad-fraction",
+                        log=logger)
+    faults.add_index_faults(ds.index_faults(), len(records))  # videos left out of the chunk index
     if len(ds) == 0:
         raise ValueError(f"no readable clips in {source} ({ds.num_index_skipped} videos unreadable or too short)")
     run_key = compute_run_key(tok, ds, args)
@@ -193,15 +201,17 @@ def main(argv: list[str] | None = None) -> None:
         todo = todo[: args.max_shards]
     logger.info("rank %d/%d: %d examples in %d shards; %d of mine already written, %d to do",
                 rank, world, len(ds), num_shards, done_before, len(todo))
-    skipped = extract_shards(tok, ds, writer, todo, args, device, rank) if todo else 0
+    if todo:
+        extract_shards(tok, ds, writer, todo, args, device, rank, faults)
+    faults.end_epoch()  # judges and logs this process's counts
     missing = writer.missing()
     if missing:
-        logger.info("rank %d done (%d skipped); %d shards still missing: the last process to finish (or --finalize) "
-                    "writes manifest.json", rank, skipped, len(missing))
+        logger.info("rank %d done (%s); %d shards still missing: the last process to finish (or --finalize) writes "
+                    "manifest.json", rank, faults.summary(), len(missing))
         return
     path = writer.finalize(manifest)
-    logger.info("wrote %s (%d shards, %d examples, %d clips skipped in this process, %d videos left out of the "
-                "index)", path, num_shards, len(ds), skipped, ds.num_index_skipped)
+    logger.info("wrote %s (%d shards, %d examples); data faults of the whole extraction: %s", path, num_shards,
+                len(ds), ", ".join(f"{n} {kind}" for kind, n in manifest.data_faults.items()))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ ratio of the step); every `disc_every` steps a discriminator step on the detache
 generator step with the discriminator frozen. Learning rates follow warmup + cosine as pure functions of the step.
 Outputs under `output_dir`: checkpoints/step_*/ (resumable; model/ loads with LARPTokenizer.from_pretrained),
 final/ (the trained tokenizer), tensorboard/, samples/.
+
+Data faults (larp_mllm.data.faults): before any engine exists every training and validation file is stat'ed, and
+the run stops (exit status 2, one error line with the counts and the first missing paths) when more than
+`max_bad_data_fraction` of them are missing. While training, clips that cannot be used are skipped and counted by
+kind (missing, unreadable, too_short, wrong_size; scalars data/*, epoch lines, the final summary); a micro-batch
+without a readable clip is skipped as a data fault, not as a non-finite loss; the run stops (after a checkpoint when
+it made progress) once more than `max_bad_data_fraction` of an epoch's clips were bad.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from larp_mllm.data.faults import DataFaultError, min_items_to_judge
 from larp_mllm.runtime.deepspeed import BatchLayout
 from larp_mllm.runtime.distributed import ensure_distributed_env
 from larp_mllm.runtime.processes import loader_workers
@@ -39,6 +47,7 @@ from tokenizer_training.arguments import (
 from tokenizer_training.checkpointing import (
     ResumableSampler, TrainerState, load_checkpoint, recover_checkpoints, resume_checkpoint, save_checkpoint,
 )
+from tokenizer_training.data import build_datasets, fault_counter, preflight, read_val_batches
 from tokenizer_training.discriminator import DiscriminatorConfig, TransformerDiscriminator
 from tokenizer_training.losses import LeCamEMA, TokenizerLoss
 from tokenizer_training.monitor import (
@@ -85,40 +94,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_datasets(cfg: TrainConfig, out_dir: Path, dist: Dist, frames: int, size: int):
-    """Training and validation ClipDatasets (the synthetic set is generated once, by rank 0)."""
-    from larp_mllm.data.records import csv_records, folder_records
-    from larp_mllm.data.clips import ClipDataset
-
-    def records(source: str, seed: int, per_class: int):
-        if source == "synthetic":
-            from larp_mllm.data.synthetic import make_synthetic_dataset
-
-            d = cfg.data
-            folder = out_dir / "data" / (f"synthetic_seed{seed}_{d.synthetic_classes}x{per_class}_{size}px_"
-                                         f"{d.synthetic_background}_{d.synthetic_object_size}")
-            if dist.rank == 0 and not (folder / "synthetic.csv").is_file():
-                make_synthetic_dataset(folder, d.synthetic_classes, per_class, seed=seed, frames=2 * frames, size=size,
-                                       background=d.synthetic_background, object_size=d.synthetic_object_size)
-            dist.barrier()
-            source = str(folder / "synthetic.csv")
-        found = []
-        for part in source.split(","):  # several CSVs/folders are concatenated (the reference: K600 + UCF101)
-            path = Path(part.strip())
-            if not path.exists():
-                raise FileNotFoundError(f"data not found: {path} (expected a CSV, a folder of videos or 'synthetic')")
-            found += folder_records(path) if path.is_dir() else csv_records(path, cfg.data.data_root)
-        return found
-
-    d = cfg.data
-    train = ClipDataset(records(d.train_data, 0, d.synthetic_per_class), frames, size, "random",
-                        seed=cfg.train.seed, flip=d.flip)
-    val_source = d.val_data or ("synthetic" if d.train_data == "synthetic" else None)
-    val = None if val_source is None else ClipDataset(
-        records(val_source, 1, max(1, d.synthetic_per_class // 4)), frames, size, "random", seed=cfg.train.seed + 1)
-    return train, val
 
 
 SHAPE_FIELDS = ("input_size", "frame_num", "in_channels", "patch_size", "temporal_patch_size", "num_tokens",
@@ -174,7 +149,8 @@ def set_lrs(engine, base_lr: float, group_mults: list[float]) -> None:
         group["lr"] = base_lr * mult
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def train(argv: Optional[list[str]] = None) -> None:
+    """Parse the config (`--config file.yaml` and flags) and train; see the module docstring."""
     cfg = parse_config(argv)
     t, lcfg = cfg.train, cfg.loss
     dist = init_distributed(t.device)
@@ -209,6 +185,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise ValueError(f"clips of {frames}x{size}^2 do not fit the tokenizer "
                          f"({cfg.model.init_from or cfg.model.preset or DEFAULT_PRESET}: "
                          f"{c.frame_num}x{c.input_size}^2)")
+    train_ds, val_ds = build_datasets(cfg, out_dir, dist.rank, dist.barrier, frames, size)  # record lists only
+    preflight(cfg, train_ds, val_ds)  # too many missing files: stop before any engine or checkpoint exists
 
     groups = [{"params": [p for p in tok.tokenizer_parameters() if p.requires_grad]}]
     group_mults = [1.0]
@@ -224,7 +202,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     amp = partial(torch.autocast, device_type=dist.device.type, dtype=amp_dtype) if amp_dtype else nullcontext
 
     # ---------------------------------------------------------------- data
-    train_ds, val_ds = build_datasets(cfg, out_dir, dist, frames, size)
     sampler = ResumableSampler(len(train_ds), layout.micro_batch, dist.rank, dist.world, t.seed)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=layout.micro_batch, sampler=sampler, collate_fn=collate_clips,
@@ -239,7 +216,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                        dist.rank, dist.world, t.seed, shuffle=False)
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=val_sampler.batch_size, sampler=val_sampler,
                                                  collate_fn=collate_clips)
-        val_batches = [b.video for b, _ in zip(val_loader, range(cfg.data.val_batches)) if b.video.shape[0]]
+        val_faults = fault_counter("validation data", cfg, min_items_to_judge(val_sampler.batch_size, len(val_ds)),
+                                   dist.device)
+        val_batches = read_val_batches(val_loader, cfg.data.val_batches, val_faults)
+    faults = fault_counter("training data", cfg, min_items_to_judge(layout.global_batch, len(train_ds)), dist.device)
 
     # ---------------------------------------------------------------- state (fresh or resumed)
     seed_all(t.seed + dist.rank)  # per-process sampling streams (SVQ, scheduled sampling, GAN label noise)
@@ -272,6 +252,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         reporter.scalars(state.step, {"replicas_agree": 1.0}, console=False)
         return save_checkpoint(ckpt_root, state, engines, export, t.keep_last, dist.rank, dist.barrier)
 
+    def data_stop(err: DataFaultError) -> DataFaultError:  # keeps the steps made before the data went bad
+        return DataFaultError(f"{err}; state saved to {checkpoint()}") if state.step > max(saved_at, 0) else err
+
     def zero_loss() -> torch.Tensor:  # a finite zero connected to every trainable parameter
         return sum((p.sum() * 0.0 for p in tok.parameters() if p.requires_grad), torch.zeros((), device=dist.device))
 
@@ -287,6 +270,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sampler.set_position(state.epoch, state.batch_in_epoch)
         for batch in loader:
             state.batch_in_epoch += 1
+            try:
+                faults.update(batch)  # counts summed over the processes: all stop together
+            except DataFaultError as err:
+                raise data_stop(err) from None
             step = state.step
             mult = lr_multiplier(step, total, warmup, t.min_lr_mult)
             set_lrs(g_engine, t.lr * mult, group_mults)
@@ -303,9 +290,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             bad = g_loss is None or not torch.isfinite(g_loss.total) or (
                 d_loss is not None and not torch.isfinite(d_loss.total))
             if any_process(bad, dist.device):  # every process skips this micro-batch (no engine call at all)
+                if any_process(out is None, dist.device):  # no readable clip: data faults, counted above
+                    continue
                 state.bad_steps += 1
-                logger.warning("step %d: empty batch or non-finite loss on some process; skipped (%d so far)",
-                               step, state.bad_steps)
+                logger.warning("step %d: non-finite loss on some process; skipped (%d so far)", step, state.bad_steps)
                 if state.bad_steps > t.max_bad_steps:
                     path = checkpoint()
                     raise RuntimeError(f"aborting: {state.bad_steps} micro-batches had a non-finite loss (limit "
@@ -350,7 +338,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if state.step % t.log_every == 0 or state.step == total:
                 summary = stats.summary(dist.device)
                 summary.update({"lr/generator": t.lr * mult, "lr/discriminator": t.disc_lr * mult,
-                                "schedule/ss_ratio": ratio, "skipped_batches": float(state.bad_steps)})
+                                "schedule/ss_ratio": ratio, "skipped_batches": float(state.bad_steps),
+                                **faults.scalars()})
                 reporter.scalars(state.step, summary)
                 bar.set_postfix(l1=f"{summary.get('loss/l1', 0):.4f}", l2=f"{summary.get('loss/l2', 0):.4f}")
             if val_batches and (state.step == total or (t.val_every and state.step % t.val_every == 0)):
@@ -364,6 +353,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             if state.step >= total:
                 break
         else:  # the epoch's batches are exhausted
+            try:
+                faults.end_epoch(state.epoch)  # the whole epoch judged; its counts logged
+            except DataFaultError as err:
+                raise data_stop(err) from None
             state.epoch += 1
             state.batch_in_epoch = 0
             continue
@@ -373,10 +366,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         checkpoint()
     if dist.rank == 0:
         tok.save_pretrained(out_dir / "final")
-        logger.info("done: %d steps, %d skipped micro-batches; tokenizer written to %s", state.step,
-                    state.bad_steps, out_dir / "final")
+        logger.info("done: %d steps, %d micro-batches skipped for a non-finite loss; training data: %s; tokenizer "
+                    "written to %s", state.step, state.bad_steps, faults.summary(), out_dir / "final")
     reporter.close()
     dist.barrier()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry (larp-train-tokenizer): ``train``, with a data fault reported as one error line (the counts by
+    kind and a few paths) and exit status 2 instead of a traceback."""
+    try:
+        train(argv)
+    except DataFaultError as err:
+        logger.error("%s", err)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ A code folder holds
   the same shards whatever the number of processes. Tensors: ``codes`` (n, N) int16 (int32 when the codebook has more
   than 32767 codes), ``labels`` / ``video_index`` / ``chunk`` (n,) int64, and ``flip_codes`` (n, N) when the
   horizontally flipped clips were coded too. Examples that could not be read are left out (n <= slice length). The
-  safetensors metadata holds one key, ``larp_codes``: a JSON ``ShardHeader`` (run key, shard slice, skips, codebook).
+  safetensors metadata holds one key, ``larp_codes``: a JSON ``ShardHeader`` (run key, shard slice, skips and their
+  kinds, codebook).
 - ``manifest.json``: a ``CodeManifest`` (codebook hash, tokens per video, codebook size, LARP checkpoint, extraction
   settings, class names, one ``VideoEntry`` per video (path, label, class name, caption), one ``ShardEntry`` per shard).
 
 All files are written atomically (``larp_mllm.runtime.files.atomic_write``: a per-process temporary file, then
-``os.replace``); a shard on disk is therefore complete.
+``os.replace``); a shard on disk is therefore complete. A listed shard that is missing, cut or unreadable, or holds
+codes outside the codebook, means the folder was damaged afterwards: ``load_code_shards`` refuses it with one
+``CodeFolderError`` naming the file (training data is never skipped silently).
 
     codes = load_code_shards("runs/codes/ucf101_train")   # CodeSet: codes (M, N) int64, labels (M,), captions ...
 """
@@ -33,6 +36,11 @@ FORMAT = "larp-codes"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _META_KEY = "larp_codes"
+_REDO = "extract the codes again (larp-extract-codes) into a fresh folder"
+
+
+class CodeFolderError(ValueError):
+    """A code folder is damaged: a listed shard is missing, unreadable or inconsistent with its manifest."""
 
 
 @dataclass
@@ -54,6 +62,7 @@ class ShardEntry:
     end: int
     num_codes: int
     num_skipped: int
+    faults: dict[str, int] = field(default_factory=dict)  # the skipped examples by kind (larp_mllm.data.faults)
 
 
 @dataclass
@@ -71,6 +80,7 @@ class ShardHeader:
     codebook_size: int
     format: str = FORMAT
     version: int = FORMAT_VERSION
+    faults: dict[str, int] = field(default_factory=dict)  # the skipped examples by kind
 
 
 @dataclass
@@ -96,6 +106,8 @@ class CodeManifest:
     shards: list[ShardEntry] = field(default_factory=list)
     format: str = FORMAT
     version: int = FORMAT_VERSION
+    index_faults: dict[str, int] = field(default_factory=dict)  # videos left out of the chunk index, by kind
+    data_faults: dict[str, int] = field(default_factory=dict)  # by kind: index_faults + the shards' (finalize)
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -110,9 +122,13 @@ class CodeManifest:
                 f"no {MANIFEST_NAME} in {directory}: the extraction is unfinished (rerun larp-extract-codes with the "
                 "same arguments, or add --finalize once every shard is written)"
             )
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} manifest (format={raw.get('format')!r})")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CodeFolderError(f"{path} is not readable JSON ({err}): the code folder is damaged; {_REDO}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{path} is not a {FORMAT} manifest (format={found!r})")
         known = {f.name for f in fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         raw["videos"] = [VideoEntry(**v) for v in raw["videos"]]
@@ -166,11 +182,35 @@ def read_shard_header(path: str | os.PathLike) -> ShardHeader:
 
 
 def read_shard(path: str | os.PathLike) -> tuple[ShardHeader, ShardData]:
-    """Header and contents of one shard (codes converted to int64)."""
-    header = read_shard_header(path)
-    t = load_file(str(path))
-    flip = t["flip_codes"].long() if "flip_codes" in t else None
-    return header, ShardData(t["codes"].long(), t["labels"], t["video_index"], t["chunk"], flip)
+    """Header and contents of one shard (codes converted to int64); CodeFolderError, naming the file, when it is
+    missing or cannot be read."""
+    if not Path(path).is_file():
+        raise CodeFolderError(f"code shard {path} is missing: the code folder is damaged; {_REDO}")
+    try:
+        header = read_shard_header(path)
+        t = load_file(str(path))
+        flip = t["flip_codes"].long() if "flip_codes" in t else None
+        return header, ShardData(t["codes"].long(), t["labels"], t["video_index"], t["chunk"], flip)
+    except Exception as err:  # noqa: BLE001 - safetensors' errors do not name the file
+        raise CodeFolderError(f"code shard {path} cannot be read ({type(err).__name__}: {err}): the code folder is "
+                              f"damaged; {_REDO}") from None
+
+
+def _check_shard(path: Path, data: ShardData, manifest: "CodeManifest") -> None:
+    """CodeFolderError unless the shard's tensors fit the manifest: N tokens per row, codes in [0, K), one label,
+    video index and chunk per row, video indices within the manifest's videos."""
+    n = data.codes.shape[0]
+    problems = []
+    if data.codes.ndim != 2 or data.codes.shape[1] != manifest.num_tokens:
+        problems.append(f"codes of shape {tuple(data.codes.shape)}, not (n, {manifest.num_tokens})")
+    elif n and (int(data.codes.min()) < 0 or int(data.codes.max()) >= manifest.codebook_size):
+        problems.append(f"codes outside [0, {manifest.codebook_size})")
+    if any(t.shape[0] != n for t in (data.labels, data.video_index, data.chunk)):
+        problems.append("a different number of labels / video indices / chunks than codes")
+    elif n and (int(data.video_index.min()) < 0 or int(data.video_index.max()) >= len(manifest.videos)):
+        problems.append(f"video indices outside the manifest's {len(manifest.videos)} videos")
+    if problems:
+        raise CodeFolderError(f"code shard {path} holds {'; '.join(problems)}: the code folder is damaged; {_REDO}")
 
 
 class CodeShardWriter:
@@ -221,8 +261,10 @@ class CodeShardWriter:
     def missing(self) -> list[int]:
         return [i for i in range(self.num_shards) if not self.is_done(i)]
 
-    def write(self, shard: int, start: int, end: int, data: ShardData, num_skipped: int) -> Path:
-        """Write shard ``shard`` (examples ``[start, end)``, ``num_skipped`` of them unreadable) atomically."""
+    def write(self, shard: int, start: int, end: int, data: ShardData, num_skipped: int,
+              faults: dict[str, int] | None = None) -> Path:
+        """Write shard ``shard`` (examples ``[start, end)``, ``num_skipped`` of them unreadable; `faults`: those
+        by kind) atomically."""
         code_dtype = torch.int16 if self.codebook_size <= 2**15 - 1 else torch.int32
         tensors = {
             "codes": data.codes.to(torch.int64).reshape(-1, self.num_tokens).to(code_dtype).contiguous(),
@@ -233,7 +275,7 @@ class CodeShardWriter:
         if data.flip_codes is not None:
             tensors["flip_codes"] = data.flip_codes.to(torch.int64).reshape(-1, self.num_tokens).to(code_dtype)
         header = ShardHeader(self.run_key, shard, self.num_shards, start, end, num_skipped, self.codebook_hash,
-                             self.num_tokens, self.codebook_size)
+                             self.num_tokens, self.codebook_size, faults=dict(faults or {}))
 
         metadata = {_META_KEY: json.dumps(asdict(header))}
 
@@ -248,12 +290,14 @@ class CodeShardWriter:
         missing = self.missing()
         if missing:
             raise ValueError(f"{len(missing)} of {self.num_shards} shards are not written yet (first: {missing[0]})")
-        manifest.shards = []
+        manifest.shards, manifest.data_faults = [], dict(manifest.index_faults)
         for i in range(self.num_shards):
             h = read_shard_header(self.shard_path(i))
             with safe_open(str(self.shard_path(i)), framework="pt") as f:
                 n = f.get_slice("codes").get_shape()[0]
-            manifest.shards.append(ShardEntry(self.shard_path(i).name, h.start, h.end, n, h.num_skipped))
+            manifest.shards.append(ShardEntry(self.shard_path(i).name, h.start, h.end, n, h.num_skipped, h.faults))
+            for kind, count in h.faults.items():
+                manifest.data_faults[kind] = manifest.data_faults.get(kind, 0) + count
         remove_stale_temporaries(self.out_dir, "codes-*")  # from killed writers; every shard is on disk now
         return manifest.save(self.out_dir)
 
@@ -267,6 +311,7 @@ def load_code_shards(directory: str | os.PathLike) -> CodeSet:
         header, data = read_shard(directory / entry.file)
         if header.run_key != manifest.run_key or header.codebook_hash != manifest.codebook_hash:
             raise ValueError(f"{entry.file} was written by another extraction run than {MANIFEST_NAME} describes")
+        _check_shard(directory / entry.file, data, manifest)
         parts.append(data)
     n = manifest.num_tokens
     codes = torch.cat([p.codes for p in parts]) if parts else torch.empty(0, n, dtype=torch.long)

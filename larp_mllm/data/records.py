@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+from larp_mllm.data.faults import DEFAULT_MAX_BAD_FRACTION
 from larp_mllm.data.video_io import VIDEO_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ def class_names_of(records: Sequence[VideoRecord]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """Add the dataset options, spelled the same in every CLI: one of --csv, --ucf101-root, --folder, --caption-csv
-    (checked by ``records_from_args``), their companions, and --workers (DataLoader worker processes)."""
+    (checked by ``records_from_args``), their companions, --workers (DataLoader worker processes) and
+    --max-bad-fraction (the share of bad videos that stops a job, larp_mllm.data.faults)."""
     g = parser.add_argument_group("dataset (one of --csv, --ucf101-root, --folder, --caption-csv)")
     g.add_argument("--csv", help="reference-format CSV (id,path,action,label[,caption]) or the synthetic set's CSV")
     g.add_argument("--ucf101-root", help="UCF101 video folder (<Class>/v_<Class>_gXX_cYY.avi); needs --ucf101-splits")
@@ -192,6 +194,9 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", type=int, default=1, help="UCF101 split (1..3)")
     g.add_argument("--subset", default="train", choices=["train", "test"], help="UCF101 subset")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: read in this process)")
+    g.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="stop with an error (the counts by kind, a few paths) when more than this share of the videos "
+                        "or clips read could not be used: missing, unreadable, too short, wrong size (1: never)")
 
 
 def dataset_source(args: argparse.Namespace) -> str:

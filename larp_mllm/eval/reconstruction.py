@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from larp_mllm.data.clips import ClipDataset, SkipCounter, collate_clips
+from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.data.faults import DEFAULT_MAX_BAD_FRACTION, DataFaults, min_items_to_judge
 from larp_mllm.data.records import VideoRecord
 from larp_mllm.eval.fvd import I3D_MIN_FRAMES, FeatureStats, fvd, fvd_note, i3d_ready
 from larp_mllm.eval.metrics import reconstruction_metrics
@@ -46,6 +47,7 @@ class ReconResult:
     perceptual: float | None
     num_videos: int
     num_skipped: int
+    data_faults: dict[str, int]  # clips read ("good") and faults by kind (larp_mllm.data.faults)
     seed: int
     num_frames: int
     size: int
@@ -60,10 +62,12 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
                             max_videos: int | None = None, batch_size: int = 8, workers: int = 2,
                             device: str | torch.device = "cpu", i3d: nn.Module | None = None,
                             perceptual: nn.Module | None = None, perceptual_backend: str = "stlpips",
-                            autocast: str = "none") -> ReconResult:
+                            autocast: str = "none",
+                            max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> ReconResult:
     """One seeded `T`-frame window per video (T, size from ``tokenizer.video_shape``), deterministic VQ, clamped
     reconstruction. `i3d` None skips rFVD, `perceptual` None the perceptual distance; `autocast` is the tokenizer's
-    precision ("none", "bf16" or "fp16")."""
+    precision ("none", "bf16" or "fp16"). Videos that cannot be used are counted by kind; DataFaultError when more
+    than `max_bad_fraction` of them are bad."""
     start_time = time.time()
     _, num_frames, size, _ = tokenizer.video_shape
     records = list(records)
@@ -75,11 +79,13 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
     detector = getattr(i3d, "detector", "") if i3d is not None else ""
     real, fake = FeatureStats(400, detector), FeatureStats(400, detector)
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "perceptual": 0.0}
-    count, skips = 0, SkipCounter()
+    count = 0
+    faults = DataFaults(max_bad_fraction, min_items=min_items_to_judge(batch_size, len(records)), name="rFVD data",
+                        option="--max-bad-fraction", log=logger)
     dtype = _AUTOCAST[autocast]
     tokenizer.eval().to(device)
     for batch in tqdm(loader, desc="rFVD", unit="batch"):
-        skips.update(batch)
+        faults.update(batch)
         if batch.video.shape[0] == 0:
             continue
         video = batch.video.to(device)  # (B, 3, T, H, W) in [0, 1]
@@ -96,14 +102,14 @@ def evaluate_reconstruction(tokenizer: nn.Module, records: Sequence[VideoRecord]
             with torch.no_grad():
                 real.add(i3d(i3d_ready(video)))  # (B, 400)
                 fake.add(i3d(i3d_ready(recon)))
-    skips.end_epoch(log=logger)
+    data_faults = faults.end_epoch()
     if count == 0:
         raise ValueError(f"no readable video among {len(records)} records")
     rfvd = fvd(real, fake) if i3d is not None and count >= 2 else None
     return ReconResult(
         rfvd=rfvd, psnr=sums["psnr"] / count, ssim=sums["ssim"] / count, mse=sums["mse"] / count,
         perceptual=sums["perceptual"] / count if perceptual is not None else None, num_videos=count,
-        num_skipped=len(records) - count, seed=seed,
+        num_skipped=len(records) - count, data_faults=data_faults, seed=seed,
         num_frames=num_frames, size=size, i3d=detector or "none",
         fvd_note=fvd_note(detector) if rfvd is not None else None, perceptual_backend=perceptual_backend,
         i3d_frames_padded_to=I3D_MIN_FRAMES if i3d is not None and num_frames < I3D_MIN_FRAMES else None,
