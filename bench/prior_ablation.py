@@ -1,6 +1,6 @@
 """Does the prior loss make LARP codes easier for an AR model? A with / without ablation on the synthetic set.
 
-    OMP_NUM_THREADS=1 python bench/prior_ablation.py --out runs/prior_ablation --seed 0   # ~20 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python bench/prior_ablation.py --output-dir runs/prior_ablation --seed 0   # ~20 min on 2 CPU cores
     python bench/prior_ablation.py --aggregate runs/seed*.log          # pool the printed lines of several seeds
 
 1. Tiny tokenizers are trained with `larp-train-tokenizer` (configs/tokenizer/larp_tiny_cpu.yaml), same seed and

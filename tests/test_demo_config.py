@@ -22,7 +22,7 @@ def _demo_module():
 
 def test_tiny_llm_config_reads_what_the_demo_writes():
     values = yaml.safe_load((REPO / "configs" / "llm" / "tiny_cpu.yaml").read_text())
-    demo = _demo_module().DemoPaths.under(Path("runs/demo"))  # `make demo` runs with --out runs/demo
+    demo = _demo_module().DemoPaths.under(Path("runs/demo"))  # `make demo` runs with --output-dir runs/demo
     assert Path(values["larp_tokenizer"]) == demo.tokenizer
     assert Path(values["code_dir"]) == demo.codes / "train"
     assert Path(values["output_dir"]) != demo.llm  # a standalone run never resumes into the demo's finished run
