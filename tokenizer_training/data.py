@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed
 
 from larp_mllm.data.clips import ClipBatch, ClipDataset, DataFaults
 from larp_mllm.data.faults import check_files_exist
@@ -68,13 +69,15 @@ def preflight(cfg: TrainConfig, train: ClipDataset, val: Optional[ClipDataset]) 
 
 def fault_counter(name: str, cfg: TrainConfig, min_items: int, device: torch.device) -> DataFaults:
     """A DataFaults whose counts are summed over all processes (a small all-reduce per ``update``), so that every
-    process judges the same counts and all stop together; every process must call it equally often."""
+    process judges the same counts and all stop together; every process must call it equally often. A single
+    process judges its own counts: no collective and no device round trip on the per-micro-batch path."""
 
     def reduce(counts: list[int]) -> list[int]:
         return all_reduce_sum(torch.tensor(counts, dtype=torch.long, device=device)).tolist()
 
-    return DataFaults(cfg.train.max_bad_data_fraction, min_items=min_items, name=name, option=OPTION, reduce=reduce,
-                      log=logger)
+    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return DataFaults(cfg.train.max_bad_data_fraction, min_items=min_items, name=name, option=OPTION,
+                      reduce=reduce if several else None, log=logger)
 
 
 def read_val_batches(loader: Iterable[ClipBatch], num_batches: int, faults: DataFaults) -> list[torch.Tensor]:
