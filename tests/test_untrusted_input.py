@@ -234,7 +234,7 @@ def test_tokenizer_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path
 
 
 def test_llm_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path):
-    from llm_adapters.train import resolve_resume
+    from llm_adapters.checkpoints import resolve_resume
 
     run, other = tmp_path / "run", tmp_path / "other"
     (run / "checkpoint-5").mkdir(parents=True)
