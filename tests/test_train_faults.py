@@ -10,7 +10,8 @@ from test_train_tokenizer import (COMMON, HALF, STEPS, full_run, log_rows, max_a
                                   synthetic_csvs)
 
 from larp_mllm import LARPTokenizer
-from tokenizer_training.checkpointing import KILL_HOOK_ENV, list_checkpoints
+from larp_mllm.runtime.checkpoint_folders import KILL_HOOK_ENV
+from tokenizer_training.checkpointing import list_checkpoints
 
 
 def _step(n: int) -> str:

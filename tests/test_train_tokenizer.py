@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from larp_mllm.runtime.deepspeed import BatchLayout
 from larp_mllm.runtime.distributed import free_port
 from tokenizer_training.arguments import deepspeed_config, parse_config
-from tokenizer_training.checkpointing import KILL_HOOK_ENV, ResumableSampler, get_rng_state, set_rng_state
+from larp_mllm.runtime.checkpoint_folders import KILL_HOOK_ENV
+from tokenizer_training.checkpointing import ResumableSampler, get_rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tokenizer" / "larp_tiny_cpu.yaml"

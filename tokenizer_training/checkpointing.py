@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from larp_mllm.runtime.checkpoint_folders import RETIRED_MARK, kill_point, retire_folder
 from larp_mllm.runtime.files import atomic_write_text
 
 __all__ = [
@@ -49,17 +49,6 @@ __all__ = [
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
 _STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint folder
-_RETIRED = ".retired-"
-# Test hook "<point>@<step>": SIGKILL this process at a named point of the checkpoint of that step. Points: write
-# (engine states written, the rest not), replace (the old step folder renamed away, the new one not yet in place),
-# prune (an old checkpoint renamed away for deletion, half of its files deleted).
-KILL_HOOK_ENV = "LARP_TEST_SIGKILL_AT"
-KILL_POINTS = ("write", "replace", "prune")
-
-
-def _kill_hook(point: str, step: int) -> None:
-    if os.environ.get(KILL_HOOK_ENV) == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -198,19 +187,6 @@ def resume_checkpoint(resume: Optional[str], output_dir: str | Path) -> Optional
     return path
 
 
-def _retire(folder: Path, step: int | None = None) -> None:
-    """Remove a folder so that no moment shows it half-deleted under its name: rename it out of the `step_*`
-    namespace first, then delete it (a kill in between leaves a `.retired-*` folder for `recover_checkpoints`)."""
-    aside = folder.with_name(f"{_RETIRED}{folder.name}-{os.getpid()}-{os.urandom(4).hex()}")
-    os.replace(folder, aside)
-    if step is not None and os.environ.get(KILL_HOOK_ENV) == f"prune@{step}":
-        files = sorted(p for p in aside.rglob("*") if p.is_file())
-        for p in files[: len(files) // 2]:
-            p.unlink()
-        _kill_hook("prune", step)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def recover_checkpoints(root: str | Path) -> list[str]:
     """Finish what a run killed while checkpointing left in `root` (call on one process, before anything reads the
     checkpoints); returns one line per action, for the log.
@@ -228,7 +204,7 @@ def recover_checkpoints(root: str | Path) -> list[str]:
         if m and (p / _STATE_FILE).is_file() and not (root / f"step_{m.group(1)}").exists():
             os.replace(p, root / f"step_{m.group(1)}")
             actions.append(f"completed checkpoint {p.name} moved into place as step_{m.group(1)}")
-        elif m or p.name.startswith(_RETIRED):
+        elif m or p.name.startswith(RETIRED_MARK):
             shutil.rmtree(p, ignore_errors=True)
             actions.append(f"removed {p.name} ({'unfinished write' if m and not (p / _STATE_FILE).is_file() else 'leftover'})")
     return actions
@@ -259,7 +235,7 @@ def save_checkpoint(
     for name, engine in engines.items():
         if engine is not None:
             engine.save_checkpoint(str(tmp / name), tag="ds", save_latest=False)
-    _kill_hook("write", state.step)
+    kill_point("write", state.step)
     (tmp / "rng").mkdir(exist_ok=True)
     atomic_write_text(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(get_rng_state()))
     export_model(tmp / "model")
@@ -267,11 +243,11 @@ def save_checkpoint(
     if rank == 0:
         atomic_write_text(tmp / _STATE_FILE, state.to_json())  # the folder is complete from here on
         if final.exists():  # re-running the same step after a resume: the old folder leaves the namespace first
-            _retire(final)
-            _kill_hook("replace", state.step)
+            retire_folder(final)
+            kill_point("replace", state.step)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:
-            _retire(old, state.step)
+            retire_folder(old, state.step)
     barrier()
     return final
 
