@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architectures import check_extendable, embedding_row_scale
 from .vocab import CONTROL_TOKENS, VideoVocab
 
 NUM_CONTROL = len(CONTROL_TOKENS)
@@ -127,7 +128,12 @@ def _full_rows(m: nn.Module) -> torch.Tensor:
 
 
 class HybridEmbedding(nn.Module):
-    """Input embedding over the extended layout; the original embedding stays a frozen submodule (`text`)."""
+    """Input embedding over the extended layout; the original embedding stays a frozen submodule (`text`).
+
+    An embedding that scales the rows it looks up (Gemma: ``* sqrt(h)``) scales the control, video and fill rows
+    too (`row_scale`, (1,) or None): the stored rows (`full_weight`) are the pre-scale rows, so writing them into the
+    same embedding module (`materialize`) gives the same forward.
+    """
 
     def __init__(self, text: nn.Embedding, vocab: VideoVocab, codebook: torch.Tensor, stats_rows: int):
         super().__init__()
@@ -139,6 +145,7 @@ class HybridEmbedding(nn.Module):
         self.codebook_size = vocab.codebook_size
         mean, std = row_stats(text.weight, stats_rows)
         self.register_buffer("fill", mean.clone())  # (h,) row of ids without a token
+        self.register_buffer("row_scale", embedding_row_scale(text), persistent=False)  # (1,) or None
         self.control = nn.Parameter(mean[None].repeat(NUM_CONTROL, 1))  # (3, h)
         self.video = VideoTokenEmbedding(codebook, text.embedding_dim, mean, std)
 
@@ -157,13 +164,16 @@ class HybridEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (...) int64 in [0, embedding_size) -> (..., h) in the text embedding's dtype."""
-        text = self.text(input_ids.clamp(max=self.text_rows - 1))  # (..., h)
+        text = self.text(input_ids.clamp(max=self.text_rows - 1))  # (..., h), scaled by the module if it scales
         control = self.control[(input_ids - self.base).clamp(0, NUM_CONTROL - 1)]  # (..., h)
         video = self.video((input_ids - self.video_offset).clamp(0, self.codebook_size - 1))  # (..., h)
         ids = input_ids[..., None]  # (..., 1)
-        out = torch.where(ids < self.text_rows, text, self.fill.to(text.dtype))
-        out = torch.where((ids >= self.base) & (ids < self.video_offset), control.to(text.dtype), out)
-        return torch.where((ids >= self.video_offset) & (ids < self.vocab_size), video.to(text.dtype), out)
+        out = torch.where((ids >= self.base) & (ids < self.video_offset), control.to(text.dtype),
+                          self.fill.to(text.dtype))
+        out = torch.where((ids >= self.video_offset) & (ids < self.vocab_size), video.to(text.dtype), out)
+        if self.row_scale is not None:
+            out = out * self.row_scale  # the text module's own factor, in its dtype
+        return torch.where(ids < self.text_rows, text, out)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
@@ -192,6 +202,7 @@ class HybridHead(nn.Module):
         self.control = nn.Parameter(mean[None].repeat(NUM_CONTROL, 1))  # (3, h)
         self.video = VideoTokenHead(codebook, text.in_features, mean, torch.zeros_like(std))
         self._cache: tuple[Any, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.scored_rows: torch.Tensor | None = None  # (R,) ids in [base, vocab_size): llm_adapters.loss.score_rows
 
     @property
     def in_features(self) -> int:
@@ -206,8 +217,12 @@ class HybridHead(nn.Module):
 
         With grad, the text, control and video logits come from separate products (no gradient is formed for the
         frozen text rows). Without grad (generation, evaluation), one product with the cached full matrix, i.e.
-        exactly what the materialised lm_head computes.
+        exactly what the materialised lm_head computes. While `scored_rows` is set: logits (..., R) of those ids.
         """
+        if self.scored_rows is not None:  # new ids only (bias 0); with grad the video logits are recomputed in backward
+            video = torch.utils.checkpoint.checkpoint(self.video, hidden, use_reentrant=False)  # (..., K)
+            new = torch.cat([F.linear(hidden, self.control.to(hidden.dtype)), video], dim=-1)  # (..., 3 + K) from base
+            return new[..., self.scored_rows - self.base]  # (..., R)
         if not torch.is_grad_enabled():
             weight, bias = self._inference_weight()
             return F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
@@ -248,25 +263,31 @@ def install_video_adapter(model: nn.Module, vocab: VideoVocab, codebook: torch.T
     """Replace the model's input embedding and output head with the hybrid modules (in place).
 
     The text rows are frozen; the adapter parameters (MLPs, shift/scale, temperature, control rows) are trainable.
-    Sets ``config.vocab_size = vocab.embedding_size`` (the logits width).
+    Sets ``config.vocab_size = vocab.embedding_size`` (the logits width), and ``model.vocab_size`` as HF's
+    ``resize_token_embeddings`` does (Gemma 2/3, Cohere, ... size their loss by it).
     """
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(embed, HybridEmbedding):
         raise ValueError("the model already holds a video adapter")
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings() is None)")
-    if embed.num_embeddings > vocab.base or head.out_features != embed.num_embeddings:
-        raise ValueError(
-            f"model rows (embedding {embed.num_embeddings}, head {head.out_features}) do not fit the layout "
-            f"(base {vocab.base}); was the model resized?"
-        )
+    check_extendable(model)
+    if embed.num_embeddings > vocab.base:
+        raise ValueError(f"the model has {embed.num_embeddings} embedding rows, more than the layout's base "
+                         f"{vocab.base}; was the model resized?")
     dtype, device = embed.weight.dtype, embed.weight.device
     stats_rows = min(vocab.text_vocab_size, embed.num_embeddings)
     codebook = codebook.to(device)
-    model.set_input_embeddings(HybridEmbedding(embed, vocab, codebook, stats_rows).to(device=device, dtype=dtype))
-    model.set_output_embeddings(HybridHead(head, vocab, codebook, stats_rows).to(device=device, dtype=dtype))
-    model.config.vocab_size = vocab.embedding_size
-    model.config.get_text_config().vocab_size = vocab.embedding_size
+    hybrid_embed = HybridEmbedding(embed, vocab, codebook, stats_rows).to(device=device, dtype=dtype)
+    hybrid_head = HybridHead(head, vocab, codebook, stats_rows).to(device=device, dtype=dtype)
+    model.set_input_embeddings(hybrid_embed)  # both built first: a refusal above leaves the model as it was
+    model.set_output_embeddings(hybrid_head)
+    _set_vocab_size(model, vocab.embedding_size)
+
+
+def _set_vocab_size(model: nn.Module, size: int) -> None:
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.vocab_size = size
+    if isinstance(getattr(model, "vocab_size", None), int):
+        model.vocab_size = size
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -327,8 +348,8 @@ def _materialize_rows(model: nn.Module) -> nn.Module:
         lm_head.bias.copy_(head.full_bias())
     model.set_input_embeddings(text)
     model.set_output_embeddings(lm_head)
+    _set_vocab_size(model, embed.embedding_size)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.vocab_size = embed.embedding_size
         config.tie_word_embeddings = False  # video input and output rows differ
     if hasattr(model, "get_expanded_tied_weights_keys"):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)

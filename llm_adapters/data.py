@@ -19,7 +19,6 @@ Checks run in the constructor, before any training: no examples, codes of anothe
 (both hashes named), a different N or K, missing class names / captions, and sequences longer than the context.
 A damaged code folder (a listed shard missing, cut or holding codes outside the codebook) never reaches it:
 ``load_code_shards`` refuses it with one ``CodeFolderError`` naming the file; no training data is skipped silently.
-``video_token_stats`` measures a batch's loss / accuracy on the code positions alone (the trainer logs it).
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from larp_mllm.data.codes import CodeSet
@@ -203,23 +201,3 @@ def pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-@torch.no_grad()
-def video_token_stats(logits: torch.Tensor, labels: torch.Tensor, vocab: VideoVocab,
-                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(sum of CE, number correct, count) over the positions whose target is a code (end token excluded).
-
-    logits (B, L, V) predict labels (B, L) shifted by one; rows are gathered in chunks (fp32) to bound memory.
-    """
-    target = labels[:, 1:]  # (B, L-1): the token each logits row predicts
-    rows_b, rows_t = vocab.is_video_id(target).nonzero(as_tuple=True)  # (M,), (M,)
-    loss = torch.zeros((), device=logits.device)
-    correct = torch.zeros((), device=logits.device)
-    for s in range(0, rows_b.numel(), chunk):
-        b, t = rows_b[s:s + chunk], rows_t[s:s + chunk]
-        rows = logits[b, t].float()  # (c, V)
-        goal = target[b, t]  # (c,)
-        loss += F.cross_entropy(rows, goal, reduction="sum")
-        correct += (rows.argmax(-1) == goal).sum()
-    return loss, correct, int(rows_b.numel())

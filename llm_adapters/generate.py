@@ -189,7 +189,7 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+def logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a model's CausalLM forward does to the head's output (Gemma soft-capping, Cohere/Granite scales)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     cap = getattr(cfg, "final_logit_softcapping", None)
@@ -211,7 +211,7 @@ def _logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 def video_head(model: nn.Module, vocab: VideoVocab) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden (..., h) -> logits of the K video rows only (..., K), as the full head would give them."""
     base = hf_model(model)
-    head, transform = base.get_output_embeddings(), _logit_transform(base.config)
+    head, transform = base.get_output_embeddings(), logit_transform(base.config)
     lo, hi = vocab.video_offset, vocab.vocab_size
     if isinstance(head, HybridHead):
         return lambda hidden: transform(head.video(hidden))

@@ -10,8 +10,10 @@ Used by ``llm_adapters.train``; the launch commands are the trainer's::
   stage's settings (larp_mllm.runtime.deepspeed: ``--bf16`` / ``--fp16`` ask for DeepSpeed's bf16 / fp16 weights;
   the batch sizes and clipping stay "auto" for the HF Trainer, which fills them with the same meaning) and the
   single-process environment a launcher would otherwise set (larp_mllm.runtime.distributed).
-- `full_weights_on_load` / `gather_trainable`: under ZeRO-3, load the base unpartitioned (extend_llm needs the
-  embedding rows) and gather the trainable parameters to save them whole.
+- `rows_gathered` / `gather_trainable`: under ZeRO-3 the base is loaded already partitioned (transformers builds it
+  inside DeepSpeed's ``zero.Init`` when a ZeRO-3 config is active, in the dtype the config asks for): no rank ever
+  holds the whole model. Only the input embedding and output head are gathered while `extend_llm` reads their rows;
+  the trainable parameters are gathered to save them whole.
 """
 from __future__ import annotations
 
@@ -63,22 +65,38 @@ def deepspeed_training_args(training: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def full_weights_on_load(training_args: Any) -> Iterator[None]:
-    """Load the base unpartitioned even under a ZeRO-3 config (transformers would load it inside zero.Init):
-    extend_llm needs the embedding rows. DeepSpeed partitions the extended model when the Trainer starts the engine
-    (each rank holds the full base in CPU memory until then). A no-op without a DeepSpeed config."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+def join_deepspeed_comm(training_args: Any) -> None:
+    """Under ZeRO-3, make DeepSpeed's communication layer use the process group the Trainer's arguments created, before
+    the base is built inside ``zero.Init`` (which reads the world size from it; on the CPU that group is gloo and
+    DeepSpeed would otherwise count a world of one)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    if config is None:
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    training_args.world_size  # noqa: B018  (the property sets the process group up)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+@contextlib.contextmanager
+def rows_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under ZeRO-3 (a model built inside ``zero.Init``), gather the input embedding and output head whole on every
+    rank, read-only, for as long as the block runs (extend_llm reads their rows); a no-op for an ordinary model.
+
+    Parameters the block creates (the adapter's rows and MLPs, LoRA) stay ordinary tensors until the DeepSpeed engine
+    starts, which partitions them.
+    """
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    params = {id(m.weight): m.weight for m in modules if m is not None and hasattr(m.weight, "ds_id")}
+    if not params:
         yield
         return
-    unset_hf_deepspeed_config()
-    try:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         yield
-    finally:
-        set_hf_deepspeed_config(config)
 
 
 def gather_trainable(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -90,3 +108,17 @@ def gather_trainable(model: torch.nn.Module) -> contextlib.AbstractContextManage
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=None)
+
+
+def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model): equal for an ordinary model; under ZeRO-3 each
+    rank holds its partition (``ds_tensor``) of every partitioned parameter and the whole of the others."""
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            total += p.ds_numel
+            held += p.ds_tensor.numel() if p.ds_tensor is not None else 0
+        else:
+            total += p.numel()
+            held += p.numel()
+    return held, total

@@ -8,9 +8,11 @@
 
 An LLM folder is a VideoLLM bundle (``video_llm.json``; it needs its base model: the recorded one, with its GGUF file
 name when it came from one, or the one given) or a merged checkpoint (``larp-merge-llm`` output: a plain HF model +
-``video_vocab.json``). Class lists come from a text file (one name a line), a JSON list, a code-shard folder
-(``manifest.json``), or the model folder (``class_names.json`` written by ``larp-train-llm``, ``classes.txt``, or
-the code folder its ``training_args.json`` names).
+``video_vocab.json``). The LLM and the LARP tokenizer may also be Hub repo ids (``owner/name``, read through
+huggingface_hub's cache; a local folder of that name wins), and so may the recorded base model and LARP checkpoint.
+Class lists come from a text file (one name a line), a JSON list, a code-shard folder (``manifest.json``), or the
+model folder (``class_names.json`` written by ``larp-train-llm``, ``classes.txt``, or the code folder its
+``training_args.json`` names).
 """
 from __future__ import annotations
 
@@ -57,16 +59,18 @@ def load_video_llm(path: str | Path, base_model: str | None = None, gguf_file: s
     `device`/`dtype`; both have `.model`, `.tokenizer` and `.vocab`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from larp_mllm.runtime.hub import SAFE_PATTERNS, is_hub_id, resolve_folder
+
     from .model import CONFIG_FILE, VideoLLM
 
-    path = Path(path)
+    path = resolve_folder(path, allow_patterns=SAFE_PATTERNS, what="LLM")
     if (path / CONFIG_FILE).is_file():
         if base_model is None:  # the recorded base (and its GGUF file name, when it came from one)
             config = json.loads((path / CONFIG_FILE).read_text())
             recorded, recorded_gguf = config.get("base_model", ""), config.get("gguf_file") or None
             gguf_file = gguf_file or recorded_gguf
             source = Path(recorded) / gguf_file if recorded and gguf_file else Path(recorded)
-            if not recorded or not source.exists():
+            if not recorded or not (source.exists() or is_hub_id(recorded)):
                 raise ValueError(f"{path} is a VideoLLM bundle: give its base model with --base-model "
                                  f"(recorded: {recorded!r}" + (f", GGUF file {gguf_file!r})" if gguf_file else ")"))
             base_model = recorded
@@ -84,18 +88,17 @@ def load_video_llm(path: str | Path, base_model: str | None = None, gguf_file: s
 
 
 def load_larp(path: str | Path | None, vocab: VideoVocab, device: torch.device) -> Any:
-    """The LARP tokenizer (eval, fp32) from a checkpoint folder (None: the one recorded in `vocab`); checks that its
-    codebook, code count and codebook size are the LLM's."""
+    """The LARP tokenizer (eval, fp32) from a checkpoint folder or Hub repo id (None: the one recorded in `vocab`);
+    checks that its codebook, code count and codebook size are the LLM's."""
     from larp_mllm import LARPTokenizer
+    from larp_mllm.runtime.hub import is_hub_id
 
     if path is None:
-        recorded = Path(vocab.larp_checkpoint) if vocab.larp_checkpoint else None
-        if recorded is None or not recorded.is_dir():
-            raise ValueError("give --larp-tokenizer (a LARP checkpoint folder); the model records none that exists "
-                             f"here ({vocab.larp_checkpoint!r})")
+        recorded = vocab.larp_checkpoint
+        if not recorded or not (Path(recorded).is_dir() or is_hub_id(recorded)):
+            raise ValueError("give --larp-tokenizer (a LARP checkpoint folder or Hub id); the model records none "
+                             f"that exists here ({vocab.larp_checkpoint!r})")
         path = recorded
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"LARP checkpoint folder not found: {path}")
     larp = LARPTokenizer.from_pretrained(path).to(device).eval()
     if larp.codebook_hash() != vocab.codebook_hash:
         raise ValueError(f"LARP codebook mismatch: the LLM was trained on codebook {vocab.codebook_hash}, the LARP "

@@ -6,7 +6,8 @@
 A bundle folder holds: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft: LoRA and, for the "rows"
 adapter, the trainable token rows), ``video_adapter.safetensors`` (the codebook adapter), the tokenizer with its added
 tokens, ``video_vocab.json`` (the id layout) and ``video_llm.json`` (which adapter, the base model's shape and name,
-and the GGUF file name when the base came from one: bundles without that field load as before).
+the GGUF file name when the base came from one, the resolved LoRA targets: bundles without those fields load as
+before). Which architectures extend, and which layers LoRA adapts: `llm_adapters.architectures`.
 """
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ from .adapter import (
     video_adapter_parameters,
     video_adapter_state_dict,
 )
+from .architectures import (AUTO_TARGETS, build_lora_config, check_extendable, exclude_adapter_layers,
+                            recorded_targets)
 from .prompts import build_prompt_ids
 from .vocab import VOCAB_FILE, VideoVocab
 
 ADAPTERS = ("codebook", "rows")
 LORA_DEFAULTS = MappingProxyType(dict(
     r=64, lora_alpha=128, lora_dropout=0.05,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    target_modules=AUTO_TARGETS,  # peft's default for the architecture, else every linear layer of the decoder
 ))
 ADAPTER_FILE = "video_adapter.safetensors"
 CONFIG_FILE = "video_llm.json"
@@ -58,6 +61,7 @@ class VideoLLMConfig:
     tie_word_embeddings: bool
     base_model: str = ""  # name_or_path of the base model (default base when loading the bundle from a script)
     gguf_file: str | None = None  # GGUF file name inside base_model when the base was loaded from one (else None)
+    lora_target_modules: list[str] | str | None = None  # the resolved LoRA targets (None: no LoRA, or older bundle)
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -84,18 +88,6 @@ class TrainableSummary:
         return (f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(1, self.total):.2f}%): "
                 f"lora {self.lora:,}, video adapter {self.video_adapter:,}, control rows {self.control_rows:,}, "
                 f"trainable tokens {self.trainable_tokens:,}, other {self.other:,}")
-
-
-def _lora_config(lora: Mapping[str, Any] | Any, **extra: Any) -> Any:
-    from peft import LoraConfig
-
-    if isinstance(lora, LoraConfig):
-        config = dataclasses.replace(lora, **extra) if extra else lora
-    else:
-        config = LoraConfig(**{**LORA_DEFAULTS, **dict(lora), **extra})
-    if config.task_type is None:
-        config.task_type = "CAUSAL_LM"
-    return config
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -169,6 +161,16 @@ class VideoLLM:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str = "Upload VideoLLM bundle") -> str:
+        """Upload the bundle (`save_pretrained`'s files) to the Hub model repo `repo_id` (created when missing) in one
+        commit on branch `revision`; adapter files of an earlier, different bundle there are deleted in it. Returns
+        huggingface_hub's CommitInfo (a str subclass: the commit URL)."""
+        from larp_mllm.runtime.hub import push_folder
+
+        return push_folder(self.save_pretrained, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, delete_patterns=[*PEFT_FILES, ADAPTER_FILE])
+
     @classmethod
     def from_pretrained(
         cls,
@@ -178,8 +180,14 @@ class VideoLLM:
         gguf_file: str | None = None,
         dtype: torch.dtype | None = None,
         is_trainable: bool = False,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
     ) -> "VideoLLM":
-        """Restore a bundle on top of its base model (a path/hub id, or an already loaded, unextended model).
+        """Restore a bundle (a folder, or a Hub repo id read at `revision` through huggingface_hub's cache in
+        `cache_dir`: a local folder of that name wins) on top of its base model (a path/hub id, or an already loaded,
+        unextended model).
 
         `gguf_file` None: the GGUF file name recorded in the bundle (``video_llm.json``) is used when `base_model` is
         the recorded base or a folder holding that file (see `recorded_gguf_file`).
@@ -189,7 +197,10 @@ class VideoLLM:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = Path(folder)
+        from larp_mllm.runtime.hub import SAFE_PATTERNS, resolve_folder
+
+        folder = resolve_folder(folder, revision=revision, cache_dir=cache_dir, token=token,
+                                allow_patterns=SAFE_PATTERNS, what="VideoLLM bundle")
         if not (folder / CONFIG_FILE).is_file() or not (folder / VOCAB_FILE).is_file():
             raise FileNotFoundError(f"expected a VideoLLM bundle ({CONFIG_FILE}, {VOCAB_FILE}, ...) in {folder}")
         vocab = VideoVocab.load(folder)
@@ -260,12 +271,16 @@ def extend_llm(
     """Add LARP's codes to an LLM's vocabulary (tokenizer and model are changed in place).
 
     Args:
-        model: any HF causal LM (fp32/bf16) with an nn.Embedding input embedding and an nn.Linear head.
+        model: any HF causal LM (fp32/bf16) with an nn.Embedding input embedding (possibly scaling its rows by a
+            constant, as Gemma's) and an nn.Linear head, tied or not (`architectures.check_extendable`; a model
+            without them is refused before anything changes).
         tokenizer: its tokenizer (gets the control, code and filler tokens).
         larp_tokenizer: provides codebook() (K, d), codebook_hash(), num_tokens, codebook_size.
         adapter: "codebook" (rows computed from the codebook by trainable MLPs) or "rows" (mean-initialised rows
             trained through peft's trainable tokens).
-        lora: LoRA options (a dict overriding LORA_DEFAULTS, or a peft LoraConfig); None: no LoRA.
+        lora: LoRA options (a dict overriding LORA_DEFAULTS, or a peft LoraConfig); None: no LoRA. Its
+            target_modules ("auto", "all-linear" or names) are resolved by `architectures.resolve_lora_targets`
+            (never the embedding, head or video adapter) and recorded in video_llm.json.
         larp_checkpoint: identity of the LARP checkpoint recorded in video_vocab.json.
         gguf_file: the GGUF file name inside the base model's folder when `model` was loaded from one; recorded in
             video_llm.json so the bundle reloads its base without being told the file again.
@@ -277,9 +292,11 @@ def extend_llm(
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
     if hasattr(model, "peft_config") or isinstance(model.get_input_embeddings(), HybridEmbedding):
         raise ValueError("extend_llm expects a plain HF model (not peft-wrapped, not already extended)")
+    check_extendable(model, adapter)  # refusals first: nothing is changed before them
+    lora_config = None if lora is None else build_lora_config(model, lora, LORA_DEFAULTS)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     text_rows = embed.num_embeddings
-    tied = head is not None and head.weight is embed.weight
+    tied = head.weight is embed.weight
     vocab = VideoVocab.extend_tokenizer(
         tokenizer, max(text_rows, int(model.config.get_text_config().vocab_size)), larp_tokenizer.codebook_size,
         larp_tokenizer.num_tokens, larp_tokenizer.codebook_hash(),
@@ -287,14 +304,15 @@ def extend_llm(
         pad_to_multiple_of=pad_to_multiple_of,
     )
     config = VideoLLMConfig(adapter=adapter, lora=lora is not None, text_rows=text_rows, tie_word_embeddings=tied,
-                            base_model=str(getattr(model, "name_or_path", "") or ""), gguf_file=gguf_file or None)
+                            base_model=str(getattr(model, "name_or_path", "") or ""), gguf_file=gguf_file or None,
+                            lora_target_modules=recorded_targets(lora_config))
     model.requires_grad_(False)
     if adapter == "codebook":
         install_video_adapter(model, vocab, larp_tokenizer.codebook())
-        if lora is not None:
+        if lora_config is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, _lora_config(lora))
+            model = get_peft_model(model, exclude_adapter_layers(model, lora_config))
         for p in video_adapter_parameters(hf_model(model)):
             p.requires_grad_(True)
     else:
@@ -302,10 +320,10 @@ def extend_llm(
 
         resize_for_rows(model, vocab, mean_resizing=True)
         names = [_module_name(model, model.get_input_embeddings())]
-        if not tied and model.get_output_embeddings() is not None:
+        if not tied:
             names.append(_module_name(model, model.get_output_embeddings()))
-        if lora is not None:
-            peft_config = _lora_config(lora, trainable_token_indices={n: vocab.new_ids for n in names})
+        if lora_config is not None:
+            peft_config = dataclasses.replace(lora_config, trainable_token_indices={n: vocab.new_ids for n in names})
         else:
             peft_config = TrainableTokensConfig(token_indices=vocab.new_ids, target_modules=names)
         model = get_peft_model(model, peft_config)

@@ -15,12 +15,17 @@ that glue lives in ``llm_adapters.launch``.
 Checkpoints (``output_dir/checkpoint-N``) hold the whole VideoLLM bundle (LoRA + video adapter + tokenizer +
 video_vocab.json + video_llm.json, which records the base model and, for a GGUF base, its file name) plus the
 optimizer/scheduler/RNG state (DeepSpeed: its own ``global_stepN``), so ``--resume-from-checkpoint PATH`` (default: the
-last one in output_dir, if any; ``no`` to start over) continues the same run; PATH must be one of output_dir's own
-``checkpoint-N`` folders (resuming unpickles DeepSpeed's files). The final bundle is written to
+newest complete one in output_dir, if any; ``no`` to start over) continues the same run; PATH must be one of
+output_dir's own ``checkpoint-N`` folders (resuming unpickles DeepSpeed's files). A kill at any moment leaves no
+broken-looking checkpoint (``checkpoint_complete.json`` is written last; replaced and pruned folders leave the
+``checkpoint-*`` names before they are deleted: llm_adapters.checkpoints). The final bundle is written to
 ``output_dir`` (load it with ``VideoLLM.from_pretrained(output_dir, base_model=...)``), with ``training_args.json`` and
 ``class_names.json`` (the code manifest's class list, for ``larp-chat``; absent when the codes have no classes);
-TensorBoard logs go to ``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (full-vocabulary
-cross-entropy and top-1 accuracy on the code positions only, without the end token) per logging step.
+TensorBoard logs go to ``output_dir/runs``, including ``video_token_loss`` / ``video_token_acc`` (cross-entropy and
+top-1 accuracy on the code positions only, without the end token, over the rows the loss scores) per logging step.
+The loss (``--video-loss``, llm_adapters.loss): "video_rows" (default) scores video targets over the video rows only
+(the K codes and ``<|video_end|>``, the rows the constrained sampler draws from), text targets over the full vocabulary
+in chunks, so no full-vocabulary logits exist for the video positions; "full" is the full-vocabulary cross-entropy.
 """
 from __future__ import annotations
 
@@ -31,14 +36,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 
 from larp_mllm.runtime.config import parse_config_and_flags, valid_keys as config_keys
 
-from .checkpoints import load_checkpoint_weights, resolve_resume, write_json
-from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id, video_token_stats
-from .launch import deepspeed_training_args, full_weights_on_load, gather_trainable
+from .checkpoints import (ContinuedTensorBoard, SafeCheckpoints, load_checkpoint_weights, resolve_resume,
+                          write_json)
+from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id
+from .launch import (deepspeed_training_args, gather_trainable, held_parameters, join_deepspeed_comm,
+                     rows_gathered)
 from .loading import ARGS_FILE, CLASSES_FILE
+from .loss import VIDEO_LOSSES, VideoLoss
 from .model import ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
 
 logger = logging.getLogger("llm_adapters.train")
@@ -62,13 +71,16 @@ class ModelArguments:
 
 @dataclass
 class LoraArguments:
-    """LoRA on the attention and MLP projections (peft)."""
+    """LoRA on the decoder's layers (peft); the targets follow the architecture unless named."""
 
     use_lora: bool = field(default=True, metadata={"help": "False: train only the video adapter"})
     lora_r: int = LORA_DEFAULTS["r"]
     lora_alpha: int = LORA_DEFAULTS["lora_alpha"]
     lora_dropout: float = LORA_DEFAULTS["lora_dropout"]
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULTS["target_modules"]))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: [LORA_DEFAULTS["target_modules"]],
+        metadata={"help": "[auto] (peft's default for the architecture, else every linear layer of the decoder), "
+                          "[all-linear] (every linear layer of the decoder), or module names (checked)"})
 
 
 @dataclass
@@ -81,6 +93,12 @@ class DataArguments:
     flip_prob: float = field(default=0.5, metadata={"help": "probability of the flipped twin's codes, if present"})
     max_length: int | None = field(default=None, metadata={"help": "longest sequence (default: model context)"})
     add_eos: bool = field(default=True, metadata={"help": "append eos after <|video_end|> (no loss on it)"})
+    video_loss: str = field(default="video_rows", metadata={"help": "video_rows (video targets over the video rows "
+                                                                    "+ <|video_end|>) or full (full vocabulary)"})
+
+    def __post_init__(self) -> None:
+        if self.video_loss not in VIDEO_LOSSES:
+            raise ValueError(f"video_loss must be one of {VIDEO_LOSSES}, got {self.video_loss!r}")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments)
@@ -145,7 +163,8 @@ def base_model_source(args: ModelArguments) -> tuple[str, str | None]:
 
 
 def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a folder / hub id, or a GGUF file (dequantised by transformers)."""
+    """(model, tokenizer) from a folder / hub id, or a GGUF file (dequantised by transformers). Under ZeRO-3 the model
+    is built partitioned; from a local safetensors folder each rank reads only its part (llm_adapters.zero3_load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf = base_model_source(args)
@@ -153,8 +172,14 @@ def load_base_model(args: ModelArguments) -> tuple[torch.nn.Module, Any]:
         raise ValueError(f"model_dtype must be float32 or bfloat16, got {args.model_dtype!r}")
     extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=getattr(torch, args.model_dtype),
-                                                 **extra)
+    model = None
+    if is_deepspeed_zero3_enabled() and not gguf and Path(source).is_dir():  # each rank reads only its partition
+        from .zero3_load import load_partitioned
+
+        model = load_partitioned(source, getattr(torch, args.model_dtype), **extra)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=getattr(torch, args.model_dtype),
+                                                     **extra)
     if gguf:  # dequantised on load: train (and save) it as an ordinary model
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -199,7 +224,7 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
 
 
-class VideoLLMTrainer(Trainer):
+class VideoLLMTrainer(SafeCheckpoints, Trainer):
     """HF Trainer that saves/loads the VideoLLM bundle in every checkpoint and logs the loss on video tokens.
 
     Checkpoints: `save_model` writes the bundle (peft's own save would drop the video adapter, which is not a peft
@@ -208,23 +233,42 @@ class VideoLLMTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, video_llm: VideoLLM, run_config: dict, class_names: Sequence[str] = (),
-                 **kwargs: Any):
+                 video_loss: str = "video_rows", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not supported by larp-train-llm's loss (llm_adapters.loss)")
         self.video_llm, self.run_config, self.class_names = video_llm, run_config, list(class_names)
-        self._video_stats: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        self.add_callback(EpochCallback(self.train_dataset))
+        self.video_loss = VideoLoss(video_llm.model, video_llm.vocab, mode=video_loss)
+        self._video_stats: list[torch.Tensor] = []  # (3,) per micro-batch: code CE sum, correct, count
+        if self.train_dataset is not None:
+            self.add_callback(EpochCallback(self.train_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        logits = getattr(outputs, "logits", None)
-        if model.training and logits is not None:
-            self._video_stats.append(video_token_stats(logits.detach(), inputs["labels"], self.video_llm.vocab))
+        """The loss of `VideoLoss` (one forward), normalised as the HF Trainer normalises a model's built-in loss.
+
+        transformers 5.24 (Trainer.compute_loss / training_step / _get_num_items_in_batch): with
+        `num_items_in_batch` (the targets of every micro-batch of the optimizer step, summed over the ranks when
+        average_tokens_across_devices) the loss is sum / num_items_in_batch, times the number of data-parallel
+        processes when average_tokens_across_devices (DDP / DeepSpeed average the gradients over ranks), and counts
+        as already scaled for gradient accumulation; without it, the mean over this micro-batch's targets, which
+        training_step divides by the accumulation steps.
+        """
+        terms, outputs = self.video_loss(model, inputs)
+        if model.training:
+            self._video_stats.append(terms.code_stats())
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is None:
+            loss = terms.loss_sum / terms.num_targets.clamp_min(1)
+        else:  # the Trainer counts num_items_in_batch only for models that take loss kwargs (ours do)
+            loss = terms.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._video_stats:
-            sums = torch.stack([torch.stack([s[0], s[1], torch.tensor(float(s[2]), device=s[0].device)])
-                                for s in self._video_stats]).sum(0)  # (3,): CE sum, correct, count
+            sums = torch.stack(self._video_stats).sum(0)  # (3,): code CE sum, correct, count
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             logs["video_token_loss"] = round(float(sums[0] / sums[2].clamp_min(1)), 6)
@@ -272,8 +316,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                    source=f"the LARP tokenizer {model_args.larp_tokenizer!r}")
     if model_args.adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {model_args.adapter!r}")
-    with full_weights_on_load(training_args):
-        model, tokenizer = load_base_model(model_args)
+    if model_args.adapter == "rows" and is_deepspeed_zero3_enabled():
+        raise ValueError("adapter 'rows' (resized embedding + peft trainable tokens) is not supported under ZeRO-3; "
+                         "use the default adapter 'codebook', or a ZeRO-2 config")
+    join_deepspeed_comm(training_args)
+    model, tokenizer = load_base_model(model_args)  # under ZeRO-3: built partitioned (zero.Init), never whole
+    held, total = held_parameters(model)
+    logger.info("base model loaded: this process holds %d of its %d parameters (%s)", held, total,
+                next(model.parameters()).dtype)
+    set_seed(training_args.seed)  # the adapter's and LoRA's initial weights: the same on every rank and every run
+    with rows_gathered(model):
         video_llm = extend_llm(model, tokenizer, larp, adapter=model_args.adapter, lora=lora_options(lora_args),
                                larp_checkpoint=model_args.larp_tokenizer, gguf_file=base_model_source(model_args)[1])
     del larp
@@ -290,8 +342,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     trainer = VideoLLMTrainer(
         model=video_llm.model, args=training_args, train_dataset=dataset,
         data_collator=VideoCollator(pad_token_id(video_llm.tokenizer)), callbacks=list(callbacks),
-        video_llm=video_llm, run_config=run_config, class_names=codes.class_names,
+        video_llm=video_llm, run_config=run_config, class_names=codes.class_names, video_loss=data_args.video_loss,
     )
+    if trainer.pop_callback(TensorBoardCallback) is not None:  # one log folder, continued after a resume
+        trainer.add_callback(ContinuedTensorBoard())
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)

@@ -204,6 +204,64 @@ def tiny_video_bundle(root: Path) -> Path:
     return base
 
 
+# ---- one tiny random model per architecture family (tests/test_llm_families.py) -------------------------------
+# family -> (config class in transformers, tied head, extra config.vocab_size rows over len(tokenizer), options).
+# Every config: hidden 64, 2 layers, 4 heads (2 kv heads where the family has them), MLP 128, 512 positions, the
+# SentencePiece tokenizer's bos 1 / eos 2, no pad id. The extras cover padded vocabularies (> 0: Qwen-style) and
+# tokenizers with more tokens than the model has rows (< 0); the options the heads' logit scales and soft-capping.
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
+FAMILIES: dict[str, tuple[str, bool, int, dict]] = {
+    "llama": ("LlamaConfig", False, 0, _DECODER),
+    "mistral": ("MistralConfig", True, 0, {**_DECODER, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", False, 37, _DECODER),
+    "qwen3": ("Qwen3Config", True, 21, {**_DECODER, "head_dim": 16}),
+    "gemma": ("GemmaConfig", True, 0, {**_DECODER, "head_dim": 16}),  # embedding scales rows by sqrt(h)
+    "gemma2": ("Gemma2Config", True, -10, {**_DECODER, "head_dim": 16, "final_logit_softcapping": 30.0,
+                                            "sliding_window": 8}),
+    "gemma3_text": ("Gemma3TextConfig", False, 5, {**_DECODER, "head_dim": 16, "final_logit_softcapping": 30.0,
+                                                    "sliding_window": 8}),
+    "phi3": ("Phi3Config", False, 0, _DECODER),  # fused qkv_proj / gate_up_proj, no peft default
+    "olmo2": ("Olmo2Config", False, 0, _DECODER),
+    "gpt_neox": ("GPTNeoXConfig", False, 0, {k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}),
+    "gpt2": ("GPT2Config", True, -7, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),  # Conv1D projections
+    "granite": ("GraniteConfig", False, 0, {**_DECODER, "logits_scaling": 4.0, "embedding_multiplier": 3.0}),
+    "cohere": ("CohereConfig", True, 0, {**_DECODER, "logit_scale": 0.5}),
+    "phi": ("PhiConfig", False, 0, _DECODER),  # its fc1 / fc2 share names with the video adapter's MLP layers
+    "falcon": ("FalconConfig", True, 0, {k: v for k, v in _DECODER.items()
+                                         if k not in ("intermediate_size", "num_key_value_heads")}),
+    "starcoder2": ("Starcoder2Config", True, 11, _DECODER),
+}
+
+
+def family_llm(family: str, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer): a random tiny model of `family` (a key of FAMILIES) in fp32 eval mode over the
+    SentencePiece tokenizer, its head sharpened as in `tiny_llm`."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_class, tied, extra_rows, options = FAMILIES[family]
+    tokenizer = sentencepiece_tokenizer()
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer) + extra_rows, tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.float().eval(), tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def family_llm_dir(family: str, seed: int = 0) -> Path:
+    """`family_llm(...)` saved as an HF checkpoint folder (model + tokenizer), cached per session."""
+    model, tokenizer = family_llm(family, seed)
+    folder = _session_dir(f"tiny-{family}-")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # The tiny models every adapter/model test runs on: (arch, tied embeddings, extra config.vocab_size rows).
 MODEL_VARIANTS = [("llama", False, 0), ("llama", True, 0), ("qwen2", False, 37), ("qwen2", True, 37)]
 MODEL_VARIANT_IDS = [f"{a}-{'tied' if t else 'untied'}-{e}" for a, t, e in MODEL_VARIANTS]

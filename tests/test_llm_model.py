@@ -202,10 +202,12 @@ def test_lora_defaults_and_config_objects(larp):
     from peft import LoraConfig
 
     assert LORA_DEFAULTS["r"] == 64 and LORA_DEFAULTS["lora_alpha"] == 128 and LORA_DEFAULTS["lora_dropout"] == 0.05
+    assert LORA_DEFAULTS["target_modules"] == "auto"  # follows the architecture (tests/test_llm_families.py)
     model, tokenizer = tiny_llm("llama", False)
     video_llm = extend_llm(model, tokenizer, larp)
     config = video_llm.model.peft_config["default"]
-    assert config.r == 64 and set(config.target_modules) == set(LORA_DEFAULTS["target_modules"])
+    assert config.r == 64 and set(config.target_modules) == {"q_proj", "v_proj"}  # peft's default for Llama
+    assert video_llm.config.lora_target_modules == ["q_proj", "v_proj"]
     model, tokenizer = tiny_llm("llama", False)
     video_llm = extend_llm(model, tokenizer, larp, lora=LoraConfig(r=2, target_modules=["q_proj"]))
     assert video_llm.trainable_parameters().lora == 2 * 2 * (64 + 64)
@@ -219,7 +221,7 @@ def test_smollm2_answers_the_same_after_extension(larp):
     answer = model.generate(ids, max_new_tokens=6, **GREEDY)
     assert "Paris" in tokenizer.decode(answer.sequences[0, ids.shape[1]:])
     width = model.get_output_embeddings().weight.shape[0]
-    video_llm = extend_llm(model, tokenizer, larp)  # default LoRA (r 64) on every projection
+    video_llm = extend_llm(model, tokenizer, larp)  # default LoRA (r 64) on peft's default targets for Llama
     video_llm.model.eval()
     again = video_llm.model.generate(input_ids=ids, max_new_tokens=6, **GREEDY)
     assert_same_greedy_text(answer, again, ids.shape[1], width)

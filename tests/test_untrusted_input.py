@@ -234,14 +234,17 @@ def test_tokenizer_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path
 
 
 def test_llm_trainer_refuses_a_resume_path_outside_its_output_dir(tmp_path):
-    from llm_adapters.checkpoints import resolve_resume
+    from llm_adapters.checkpoints import COMPLETE_FILE, resolve_resume
 
     run, other = tmp_path / "run", tmp_path / "other"
-    (run / "checkpoint-5").mkdir(parents=True)
-    (other / "checkpoint-7").mkdir(parents=True)
+    for folder in (run / "checkpoint-5", other / "checkpoint-7", run / "final"):
+        folder.mkdir(parents=True)
+        (folder / COMPLETE_FILE).write_text("{}")
     for path in (other / "checkpoint-7", run / ".." / "other" / "checkpoint-7", run / "final"):
         with pytest.raises(ValueError, match="not a checkpoint of this run"):
             resolve_resume(str(path), str(run))
     assert resolve_resume(str(run / "checkpoint-5"), str(run)) == str(run / "checkpoint-5")
     assert resolve_resume(None, str(run)) == str(run / "checkpoint-5")
     assert resolve_resume("no", str(run)) is None
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):  # a missing path says so
+        resolve_resume(str(run / "checkpoint-9"), str(run))

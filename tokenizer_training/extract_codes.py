@@ -44,6 +44,7 @@ from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, Video
 from larp_mllm.data.clips import ClipDataset, DataFaults, collate_clips
 from larp_mllm.data.faults import FAULT_KINDS, min_items_to_judge
 from larp_mllm.data.records import add_dataset_args, dataset_source, records_from_args
+from larp_mllm.runtime.hub import is_hub_id
 from larp_mllm.runtime.processes import loader_workers
 
 logger = logging.getLogger("larp-extract-codes")
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_tokenizer(args: argparse.Namespace) -> tuple[LARPTokenizer, str]:
     if args.larp_tokenizer:
-        return LARPTokenizer.from_pretrained(args.larp_tokenizer), str(Path(args.larp_tokenizer).resolve())
+        name = args.larp_tokenizer if is_hub_id(args.larp_tokenizer) else str(Path(args.larp_tokenizer).resolve())
+        return LARPTokenizer.from_pretrained(args.larp_tokenizer), name
     torch.manual_seed(args.preset_seed)
     return LARPTokenizer.from_preset(args.preset), f"preset:{args.preset}:seed{args.preset_seed}"
 

@@ -4,7 +4,8 @@ A folder holds `config.json` and `model.safetensors` (never pickles). Our config
 `LARPTokenizerConfig` fields plus `"format": "larp-mllm"`. The reference's config.json (written by
 huggingface_hub's PyTorchModelHubMixin) holds its constructor's keyword arguments; `config_from_reference` maps
 every option it may contain onto ours, and refuses values we do not implement with an error naming them.
-State-dict key names are identical in both formats.
+State-dict key names are identical in both formats. Those two files are all a folder needs, so a Hub download of a
+checkpoint fetches only `TOKENIZER_FILES` (`LARPTokenizer.from_pretrained` with a repo id).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from .tokenizer import LARPTokenizer, LARPTokenizerConfig
 
 FORMAT = "larp-mllm"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+TOKENIZER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what a checkpoint folder holds (and a Hub download fetches)
 _NONE_NAMES = {None, "", "none", "no", "null"}
 
 # Reference option -> the only value we implement (anything else is refused).
@@ -155,7 +158,7 @@ def load_tokenizer_folder(
 ) -> tuple["LARPTokenizerConfig", dict[str, torch.Tensor]]:
     """Read config.json + model.safetensors from a folder (ours or the reference's)."""
     folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer checkpoint folder not found: {folder}")
     if not cfg_path.is_file():
@@ -184,7 +187,7 @@ def save_tokenizer_folder(model: "LARPTokenizer", folder: str | Path) -> None:
 
     def write(tmp: Path) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
 
     atomic_write_folder(folder, write)

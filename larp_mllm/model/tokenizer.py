@@ -192,13 +192,25 @@ class LARPTokenizer(nn.Module):
         return cls(dataclasses.replace(TOKENIZER_PRESETS[name], **overrides))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> "LARPTokenizer":
-        """Load a checkpoint folder (config.json + model.safetensors), ours or the reference implementation's."""
-        from .checkpoint import load_tokenizer_folder
+    def from_pretrained(
+        cls, name_or_path: str | Path, map_location: str | torch.device = "cpu", *, revision: str | None = None,
+        cache_dir: str | Path | None = None, local_files_only: bool = False, token: str | bool | None = None,
+    ) -> "LARPTokenizer":
+        """Load a checkpoint (config.json + model.safetensors, ours or the reference implementation's) from a local
+        folder or a Hub repo id such as "hywang66/LARP-L-long-tokenizer" (a local folder of that name wins).
 
+        A repo id goes through huggingface_hub's cache at `revision` (default "main"), downloading only those two
+        files; offline (`local_files_only`, HF_HUB_OFFLINE=1) the cache alone is read (`runtime.hub.resolve_folder`).
+        """
+        from ..runtime.hub import resolve_folder
+        from .checkpoint import TOKENIZER_FILES, load_tokenizer_folder
+
+        folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                token=token, allow_patterns=TOKENIZER_FILES, what="LARP tokenizer checkpoint")
         config, state = load_tokenizer_folder(folder, map_location)
         model = cls(config)
         model.load_state_dict_checked(state)
+        model.name_or_path = str(name_or_path)  # recorded by extend_llm in video_vocab.json
         return model
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -206,6 +218,18 @@ class LARPTokenizer(nn.Module):
         from .checkpoint import save_tokenizer_folder
 
         save_tokenizer_folder(self, folder)
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+        revision: str | None = None, commit_message: str = "Upload LARP tokenizer",
+    ) -> str:
+        """Upload `save_pretrained`'s files to the Hub model repo `repo_id` (created when missing) in one commit on
+        branch `revision` (default "main"); `from_pretrained(repo_id)` reads them back. Returns huggingface_hub's
+        CommitInfo, a str subclass: the commit URL (`.oid`, `.repo_url` and the rest as attributes)."""
+        from ..runtime.hub import push_folder
+
+        return push_folder(self.save_pretrained, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message)
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
         """load_state_dict with one clear error listing missing, unexpected and mis-shaped keys."""

@@ -1,0 +1,129 @@
+"""Peak memory of loading a ~0.5B-parameter base for stage 2: one process vs ZeRO-3 over two CPU processes (gloo).
+
+    python bench/llm_load_memory.py                      # builds a random Qwen2.5-0.5B-shaped base once, then measures
+    python bench/llm_load_memory.py --model-dir DIR      # any HF folder (with its tokenizer)
+
+Each measurement runs in a fresh interpreter (this driver never imports torch; two ranks through torch.distributed.run)
+and goes through larp-train-llm's own loading path: `load_base_model` (under ZeRO-3 transformers builds the model
+inside DeepSpeed's zero.Init, so it is partitioned as it loads), then `extend_llm` with the embedding and head gathered
+(`rows_gathered`). Figures: peak RSS (resource.getrusage: the process's high-water mark, MiB) after loading and after
+extending, per rank, and the ratio of the ZeRO-3 ranks' peak to the single process's (whose weights are counted
+resident: transformers maps the file lazily, and the first training step reads every weight). One JSON line per
+figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Qwen2.5-0.5B's shape (its config.json): 24 layers, hidden 896, 14 query / 2 KV heads, MLP 4864, 151936 rows, tied.
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False)
+
+
+def build_base(folder: Path) -> None:
+    """A random Qwen2.5-0.5B-shaped model in fp32 (safetensors) with SmolLM2's tokenizer (from its shipped GGUF)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from larp_mllm.assets import smollm2_gguf
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B))
+    model.save_pretrained(folder, max_shard_size="1GB")
+    gguf = smollm2_gguf()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+
+def worker(model_dir: str, zero3: bool, out: str) -> None:
+    """Load (and extend) the base as larp-train-llm does; print one JSON line per figure."""
+    import resource
+    import tempfile
+
+    import torch
+
+    from larp_mllm import LARPTokenizer
+    from llm_adapters.launch import held_parameters, join_deepspeed_comm, rows_gathered
+    from llm_adapters.model import extend_llm
+    from llm_adapters.train import ModelArguments, build_training_arguments, load_base_model
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    training = {"output_dir": tempfile.mkdtemp(prefix="load-bench-"), "per_device_train_batch_size": 1,
+                "report_to": "none"}
+    if zero3:
+        training["deepspeed"] = str(REPO / "configs/deepspeed/zero3.json")
+    args = build_training_arguments(training)
+    join_deepspeed_comm(args)
+    rank = int(os.environ.get("RANK", "0"))
+    mode = "zero3_2proc" if zero3 else "single"
+    start = peak_mb()
+    model, tokenizer = load_base_model(ModelArguments(base_model=model_dir))
+    held, total = held_parameters(model)
+    rows = [dict(figure="peak_rss_mb", after="imports", value=round(start, 1)),
+            dict(figure="peak_rss_mb", after="load", value=round(peak_mb(), 1)),
+            dict(figure="parameters_held", after="load", value=held, of=total)]
+    if not zero3:  # transformers maps the file lazily: a training step reads every weight, so count them resident
+        for param in model.parameters():
+            param.detach().sum()
+        rows.append(dict(figure="peak_rss_mb", after="load_resident", value=round(peak_mb(), 1)))
+    torch.manual_seed(0)
+    larp = LARPTokenizer.from_preset("larp-tiny").eval()
+    with rows_gathered(model):
+        extend_llm(model, tokenizer, larp)
+    rows.append(dict(figure="peak_rss_mb", after="extend", value=round(peak_mb(), 1)))
+    with open(out, "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(dict(bench="llm_load_memory", mode=mode, rank=rank, **row)) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="HF folder of the base (default: build a random 0.5B one)")
+    p.add_argument("--cache", default=str(REPO / "runs/bench/qwen2.5-0.5b-random"),
+                   help="where the random base is built once")
+    p.add_argument("--worker", choices=["single", "zero3"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.model_dir, args.worker == "zero3", args.out)
+
+    model_dir = Path(args.model_dir or args.cache)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not (model_dir / "config.json").is_file():
+        if args.model_dir:
+            raise SystemExit(f"{model_dir} holds no config.json")
+        code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.llm_load_memory import build_base; " \
+               f"from pathlib import Path; build_base(Path({str(model_dir)!r}))"
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    out = model_dir.parent / "load_memory.jsonl"
+    out.unlink(missing_ok=True)
+    me = [str(Path(__file__).resolve()), "--model-dir", str(model_dir), "--out", str(out)]
+    subprocess.run([sys.executable, *me, "--worker", "single"], check=True, env=env, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                    *me, "--worker", "zero3"], check=True, env=env, cwd=REPO)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        print(json.dumps(row))
+    def peak(mode: str, after: tuple[str, ...]) -> float:
+        return max(r["value"] for r in rows if r["mode"] == mode and r["figure"] == "peak_rss_mb" and r["after"] in after)
+
+    base = {m: peak(m, ("imports",)) for m in ("single", "zero3_2proc")}
+    for stage, single_after in (("load", ("load", "load_resident")), ("extend", ("extend",))):
+        single, ranks = peak("single", single_after + ("load_resident",)), peak("zero3_2proc", (stage,))
+        print(json.dumps(dict(bench="llm_load_memory", figure=f"zero3_rank_peak_over_single_{stage}",
+                              value=round(ranks / single, 3), goal="< 0.6", single_peak_rss_mb=single,
+                              zero3_rank_peak_rss_mb=ranks)))
+        print(json.dumps(dict(bench="llm_load_memory", figure=f"zero3_rank_growth_over_single_{stage}",
+                              value=round((ranks - base["zero3_2proc"]) / (single - base["single"]), 3),
+                              note="peak minus the RSS after imports")))
+
+if __name__ == "__main__":
+    main()
