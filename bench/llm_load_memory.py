@@ -82,6 +82,9 @@ def worker(model_dir: str, zero3: bool, out: str) -> None:
     with open(out, "a") as fh:
         for row in rows:
             fh.write(json.dumps(dict(bench="llm_load_memory", mode=mode, rank=rank, **row)) + "\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # no comm thread left running at exit
 
 
 def main() -> None:

@@ -359,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`larp-train-llm`: parse YAML + CLI, train, write the bundle."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     outcome = train(*parse_args(argv))
+    if torch.distributed.is_initialized():  # leave no communication thread running at exit (gloo aborts on CPUs)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     print(f"trained {outcome.global_step} steps; VideoLLM bundle in {outcome.output_dir}")
 
 
