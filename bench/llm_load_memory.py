@@ -21,21 +21,21 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Qwen2.5-0.5B's shape (its config.json): 24 layers, hidden 896, 14 query / 2 KV heads, MLP 4864, 151936 rows, tied.
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False)
+
 
 
 def build_base(folder: Path) -> None:
     """A random Qwen2.5-0.5B-shaped model in fp32 (safetensors) with SmolLM2's tokenizer (from its shipped GGUF)."""
     import torch
+    from generate_speed import CONFIGS  # the shared table of model shapes (bench/generate_speed.py)
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from larp_mllm.assets import smollm2_gguf
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B))
+    _, fields = CONFIGS["qwen2.5-0.5b"]  # Qwen2.5-0.5B's shape: 24 layers, hidden 896, 14 / 2 heads, 151936 rows
+    model = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
+                                         **fields))
     model.save_pretrained(folder, max_shard_size="1GB")
     gguf = smollm2_gguf()
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
@@ -103,8 +103,8 @@ def main() -> None:
     if not (model_dir / "config.json").is_file():
         if args.model_dir:
             raise SystemExit(f"{model_dir} holds no config.json")
-        code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.llm_load_memory import build_base; " \
-               f"from pathlib import Path; build_base(Path({str(model_dir)!r}))"
+        code = f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'bench')!r}]; " \
+               f"from llm_load_memory import build_base; from pathlib import Path; build_base(Path({str(model_dir)!r}))"
         subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
     out = model_dir.parent / "load_memory.jsonl"
     out.unlink(missing_ok=True)
