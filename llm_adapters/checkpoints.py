@@ -17,7 +17,6 @@ only from its own folders (resuming unpickles DeepSpeed's engine files). Kill po
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from larp_mllm.runtime.checkpoint_folders import kill_point, remove_retired, retire_folder
-from larp_mllm.runtime.files import atomic_write_json, atomic_write_text
+from larp_mllm.runtime.files import atomic_write_json
 
 from .model import ADAPTER_FILE, VideoLLM
 
@@ -84,10 +83,9 @@ def load_checkpoint_weights(video_llm: VideoLLM, folder: str | Path) -> None:
         raise FileNotFoundError(f"{folder} holds neither adapter_model.safetensors nor {ADAPTER_FILE}")
     model = video_llm.model
     if adapter_file.is_file():
-        from .adapter import load_video_adapter_state_dict
+        from .adapter import hf_model, load_video_adapter_state_dict
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        load_video_adapter_state_dict(base, load_file(str(adapter_file)))
+        load_video_adapter_state_dict(hf_model(model), load_file(str(adapter_file)))
     if peft_file.is_file():
         from peft import set_peft_model_state_dict
 
@@ -95,11 +93,6 @@ def load_checkpoint_weights(video_llm: VideoLLM, folder: str | Path) -> None:
         if result.unexpected_keys:
             raise ValueError(f"{peft_file} does not fit the model: unexpected keys {result.unexpected_keys[:5]}")
 
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write `value` as indented JSON to `path` atomically (a per-process temporary file, then os.replace)."""
-    atomic_write_text(path, json.dumps(value, indent=2, default=str))
 
 
 def check_own_checkpoint(path: str | Path, output_dir: str | Path) -> None:

@@ -40,9 +40,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 
 from larp_mllm.runtime.config import parse_config_and_flags, valid_keys as config_keys
+from larp_mllm.runtime.files import atomic_write_json
 
-from .checkpoints import (ContinuedTensorBoard, SafeCheckpoints, load_checkpoint_weights, resolve_resume,
-                          write_json)
+from .checkpoints import ContinuedTensorBoard, SafeCheckpoints, load_checkpoint_weights, resolve_resume
 from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id
 from .launch import (deepspeed_training_args, gather_trainable, held_parameters, join_deepspeed_comm,
                      rows_gathered)
@@ -281,9 +281,9 @@ class VideoLLMTrainer(SafeCheckpoints, Trainer):
         with gather_trainable(self.model):
             if self.args.should_save:
                 self.video_llm.save_pretrained(output_dir)
-                write_json(Path(output_dir) / ARGS_FILE, self.run_config)
+                atomic_write_json(Path(output_dir) / ARGS_FILE, self.run_config, indent=2, default=str)
                 if self.class_names:
-                    write_json(Path(output_dir) / CLASSES_FILE, self.class_names)
+                    atomic_write_json(Path(output_dir) / CLASSES_FILE, self.class_names, indent=2)
                 elif (Path(output_dir) / CLASSES_FILE).exists():  # left by an earlier run on a class-labelled set
                     (Path(output_dir) / CLASSES_FILE).unlink()
 

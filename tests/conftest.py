@@ -55,3 +55,12 @@ def tiny_tokenizer():
 
     torch.manual_seed(0)
     return LARPTokenizer.from_preset("larp-tiny").eval()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny matmuls on 2 shared cores spend their time waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

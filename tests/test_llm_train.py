@@ -48,14 +48,6 @@ def synthetic(tmp_path_factory) -> Synthetic:
     return Synthetic(tiny_llm_dir(), folder, class_codes, larp.codebook_hash())
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_argv(s: Synthetic, out: Path, *extra: str) -> list[str]:
     return ["--base_model", str(s.base), "--larp_tokenizer", "larp-tiny", "--larp_seed", "0",
             "--code_dir", str(s.codes_dir), "--output_dir", str(out), "--per_device_train_batch_size", "8",
@@ -63,9 +55,14 @@ def tiny_argv(s: Synthetic, out: Path, *extra: str) -> list[str]:
             "--logging_steps", "1", "--report_to", "none", *extra]
 
 
-def run_module(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a training subprocess: no launcher variables of this process, one OpenMP thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def run_module(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "llm_adapters.train", *argv], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -5,7 +5,6 @@ tolerance under ZeRO-2. Every run is `python -m llm_adapters.train` in a subproc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_llm_train import REPO, synthetic, tiny_argv  # noqa: F401  (synthetic is a fixture)
+from test_llm_train import REPO, child_env, synthetic, tiny_argv  # noqa: F401  (synthetic is a fixture)
 
 from larp_mllm.runtime.checkpoint_folders import KILL_HOOK_ENV
 from llm_adapters.checkpoints import COMPLETE_FILE, list_checkpoints, recover_checkpoints, resolve_resume
@@ -24,10 +23,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "video_adapter.safetensors")
 
 def run(synthetic, out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:  # noqa: F811
     """One training run; with `kill` ("point@step") it must die by SIGKILL at that point."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    if kill:
-        env[KILL_HOOK_ENV] = kill
+    env = child_env(**({KILL_HOOK_ENV: kill} if kill else {}))
     argv = tiny_argv(synthetic, out, "--max_steps", str(STEPS), "--save_steps", "2", "--save_total_limit", "2",
                      "--cond_dropout", "0.3", "--per_device_train_batch_size", "4", *extra)
     proc = subprocess.run([sys.executable, "-m", "llm_adapters.train", *argv], cwd=REPO, env=env, text=True,

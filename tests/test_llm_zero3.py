@@ -3,12 +3,11 @@ inside DeepSpeed's zero.Init), so each rank holds about half of its parameters f
 the bundle still work. The memory figure of a ~0.5B model is measured by bench/llm_load_memory.py."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
-from test_llm_train import REPO, synthetic, tiny_argv  # noqa: F401  (synthetic is a fixture)
+from test_llm_train import REPO, child_env, synthetic, tiny_argv  # noqa: F401  (synthetic is a fixture)
 
 from larp_mllm.runtime.distributed import free_port
 
@@ -19,8 +18,7 @@ def test_two_ranks_load_the_base_partitioned_and_train(synthetic, tmp_path):  # 
     from llm_adapters.model import VideoLLM
 
     out = tmp_path / "zero3"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     argv = tiny_argv(synthetic, out, "--deepspeed", "configs/deepspeed/zero3.json", "--max_steps", "2",
                      "--save_steps", "2", "--per_device_train_batch_size", "2")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -64,8 +62,7 @@ def test_each_rank_reads_its_own_part_of_the_checkpoint(synthetic, tmp_path):  #
     """Each of two ranks fills only its partition from the safetensors file; gathered, every weight equals the file."""
     script = tmp_path / "check.py"
     script.write_text(CHECK)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = child_env(PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(free_port()), str(script), str(synthetic.base), str(tmp_path / "o")],
                           cwd=REPO, env=env, text=True, capture_output=True, timeout=280)

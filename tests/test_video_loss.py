@@ -15,14 +15,6 @@ from llm_fixtures import (FAMILIES, LOGIT_RTOL, MODEL_VARIANT_IDS, MODEL_VARIANT
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def trained_like(arch: str = "llama", tied: bool = False, extra: int = 0, adapter: str = "codebook"):
     """A tiny VideoLLM whose LoRA and adapter parameters are perturbed (LoRA B and the head scale start at 0)."""
     from llm_adapters.model import extend_llm

@@ -64,8 +64,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None = 1) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
+def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None = 1,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """`payload` as JSON (`default` converts what json cannot, as in json.dumps), written atomically."""
+    return atomic_write_text(path, json.dumps(payload, indent=indent, default=default) + "\n")
 
 
 def atomic_write_folder(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
