@@ -27,7 +27,7 @@ import torch
 from larp_mllm.runtime.files import atomic_write_text
 
 VOCAB_FILE = "video_vocab.json"
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2  # 1: text user turns only; 2: user turns may hold video segments (text-only turns unchanged)
 
 VIDEO_START = "<|video_start|>"
 VIDEO_END = "<|video_end|>"
@@ -84,6 +84,9 @@ class VideoVocab:
             raise ValueError(f"text_vocab_size must be in (0, base={self.base}], got {self.text_vocab_size}")
         if self.embedding_size < self.vocab_size:
             raise ValueError(f"embedding_size {self.embedding_size} < vocab_size {self.vocab_size}")
+        if not 1 <= self.template_version <= TEMPLATE_VERSION:
+            raise ValueError(f"prompt template version {self.template_version} is not one this larp-mllm knows "
+                             f"(1..{TEMPLATE_VERSION}): the model was written by a newer version; upgrade larp-mllm")
 
     # ---- ids ---------------------------------------------------------------------------------------------
     @property
