@@ -40,12 +40,13 @@ PROMPT_SOURCES = ("class", "caption")
 
 @dataclass
 class VideoExample:
-    """One tokenised example. input_ids / labels: (L,) int64; labels are IGNORE_INDEX outside the video span."""
+    """One tokenised example. input_ids / labels: (L,) int64; labels are IGNORE_INDEX outside the answer."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     conditional: bool  # False when the prompt was dropped to <|video_uncond|>
     flipped: bool  # True when the horizontally flipped twin's codes were used
+    task: str = "text_to_video"  # llm_adapters.tasks.TASKS
 
 
 def check_code_set(codes: CodeSet, codebook_hash: str, num_video_tokens: int, codebook_size: int,

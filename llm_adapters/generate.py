@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapter import HybridHead, hf_model
-from .prompts import PromptEncoder
+from .prompts import Prompt, PromptEncoder, VideoSegment
 from .vocab import VideoVocab
 
 Fast = bool | Literal["auto"]
@@ -173,11 +173,15 @@ def pack_prompts(rows: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return PromptBatch(ids.to(device), mask.to(device), positions.to(device), lengths.to(device))
 
 
-def prompt_rows(video_llm: Any, prompts: Sequence[str | None], cfg: bool) -> list[list[int]]:
+def prompt_rows(video_llm: Any, prompts: Sequence[Prompt], cfg: bool) -> list[list[int]]:
     """Prompt ids of each prompt (None = unconditional), followed by as many unconditional rows when `cfg`."""
     encode = PromptEncoder(video_llm.tokenizer, video_llm.vocab)  # prompt texts are data: control strings stay text
     rows = [encode(p) for p in prompts]
     if cfg:
+        if any(not isinstance(p, str) and p is not None and any(isinstance(x, VideoSegment) for x in p)
+               for p in prompts):
+            raise ValueError("prompts with videos (continuation) are sampled without CFG, as the reference's frame "
+                             "prediction asserts: set cfg_scale to 1")
         rows += [encode(None)] * len(prompts)
     return rows
 
@@ -325,7 +329,7 @@ def _fast_decoder(model: nn.Module, vocab: VideoVocab, rows: int, max_len: int, 
 # ---- public entry point -------------------------------------------------------------------------------------
 def generate_video_codes(
     video_llm: Any,
-    prompts: Sequence[str | None],
+    prompts: Sequence[Prompt],
     cfg_scale: float = 1.25,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -340,7 +344,8 @@ def generate_video_codes(
 
     Args:
         video_llm: a `VideoLLM` (or anything with `.model`, `.tokenizer`, `.vocab`); runs on its model's device.
-        prompts: class names / captions as text (see `prompts.class_name_to_text`); None = unconditional.
+        prompts: class names / captions as text (see `prompts.class_name_to_text`); None = unconditional; or
+            user turns of texts and `VideoSegment`s (e.g. `tasks.continuation_prompt`; no CFG with these).
         cfg_scale: CFG scale s (1 = no guidance, no second branch). temperature 0 = greedy.
         seed: sample i uses torch.Generator seeded with seed + i (independent of batching and of the path).
         batch_size: prompts per forward (the forward holds 2x rows with CFG).
