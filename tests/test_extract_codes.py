@@ -17,6 +17,7 @@ from larp_mllm import LARPTokenizer
 from larp_mllm.data.codes import CodeManifest, load_code_shards, read_shard
 from larp_mllm.data.records import csv_records
 from larp_mllm.data.clips import ClipDataset
+from larp_mllm.data.continuation import condition_clip
 from larp_mllm.data.synthetic import make_synthetic_dataset
 from tokenizer_training.extract_codes import main
 
@@ -181,6 +182,36 @@ def test_other_run_in_same_folder_refused(setup, reference_run, tmp_path):
     assert codes.chunk.tolist() == [-1] * 8 and sum(s.num_skipped for s in manifest.shards) == 1  # broken.mp4
     assert manifest.data_faults == {"missing": 0, "unreadable": 1, "too_short": 0, "wrong_size": 0}
     assert [s.faults for s in manifest.shards if s.num_skipped] == [{"unreadable": 1}]
+
+
+def test_condition_codes(setup, reference_run, tmp_path):
+    """--condition-frames 5 stores, beside the codes of each clip, the codes of its condition clip (first 5 frames,
+    the 5th repeated): the tokenizer's own codes of condition_clip(clip), in the same computation (batches of one)."""
+    ckpt, csv_path = setup
+    out = tmp_path / "codes"
+    main(_args(setup, out, "--shard-size", "4", "--batch-size", "1", "--flip"))
+    with pytest.raises(ValueError, match="different extraction run"):  # the run key covers the condition
+        main(_args(setup, out, "--shard-size", "4", "--batch-size", "1", "--flip", "--condition-frames", "5"))
+    main(_args(setup, out, "--shard-size", "4", "--batch-size", "1", "--flip", "--condition-frames", "5",
+               "--overwrite"))
+    codes, reference = load_code_shards(out), load_code_shards(reference_run)
+    assert CodeManifest.load(out).condition_frames == codes.condition_frames == 5
+    assert CodeManifest.load(out).run_key != CodeManifest.load(reference_run).run_key
+    assert reference.cond_codes is None and reference.condition_frames == 0
+    # the codes of the clips themselves are those of a run without the flag (the same batches of one clip)
+    assert torch.equal(codes.codes, reference.codes) and torch.equal(codes.flip_codes, reference.flip_codes)
+    tok = LARPTokenizer.from_pretrained(ckpt).eval()
+    ds = ClipDataset(csv_records(csv_path), num_frames=8, size=32, mode="chunks")
+    with torch.inference_mode():
+        want = torch.cat([tok.tokenize(condition_clip(ds[i].video[None], 5)) for i in range(len(ds))])  # (16, 32)
+    assert codes.cond_codes.shape == (16, 32) and codes.cond_codes.dtype == torch.int64
+    assert torch.equal(codes.cond_codes, want)
+    # the condition (frames 6-8 replaced) is another clip: the random-init tokenizer still tells them apart in places
+    assert (codes.cond_codes != codes.codes).any()
+    with pytest.raises(SystemExit):
+        main(_args(setup, tmp_path / "neg", "--condition-frames", "-1"))
+    with pytest.raises(ValueError, match="--condition-frames must be between 0 and the clip length 8, got 9"):
+        main(_args(setup, tmp_path / "long", "--condition-frames", "9"))
 
 
 def test_caption_csv_and_folder_datasets(setup, tmp_path):

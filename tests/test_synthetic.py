@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 import re
 import subprocess
 import sys
@@ -12,8 +14,11 @@ import torch
 
 from larp_mllm.data.records import csv_records
 from larp_mllm.data.make_synthetic import main
-from larp_mllm.data.synthetic import COLORS, MAX_CLASSES, class_specs, make_synthetic_dataset, render_clip
+from larp_mllm.data.synthetic import (COLORS, DIRECTIONS, HELD_OUT_NAME, MAX_CLASSES, SHAPES, ClassSpec, class_specs,
+                                      composition_split, load_composition_split, make_synthetic_dataset, render_clip,
+                                      unseen_pairs)
 from larp_mllm.data.video_io import read_video
+from larp_mllm.eval.attributes import attribute_accuracy, read_attributes
 
 
 def test_class_list_prefixes_are_diverse():
@@ -121,3 +126,129 @@ def test_render_is_deterministic():
     b, tb = render_clip(spec, np.random.default_rng([5, 2, 1]), frames=8, size=32)
     c, _ = render_clip(spec, np.random.default_rng([5, 2, 2]), frames=8, size=32)
     assert torch.equal(a, b) and ta == tb and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Composition split: held-out combinations of seen attributes
+# ----------------------------------------------------------------------------------------------------------------------
+THREE = (["red", "green", "blue"], list(SHAPES), list(DIRECTIONS))  # 36 combinations
+
+
+def _attrs(specs: list[ClassSpec]) -> set[tuple[str, str, str]]:
+    return {(s.color, s.shape, s.direction) for s in specs}
+
+
+def _product(lists: tuple[list[str], list[str], list[str]]) -> list[ClassSpec]:
+    return [ClassSpec(*c) for c in itertools.product(*lists)]
+
+
+@pytest.mark.parametrize("lists,hold_out,seed,pairs_kept", [
+    (THREE, 6, 0, True),
+    (THREE, 12, 5, True),
+    ((list(COLORS), list(SHAPES), list(DIRECTIONS)), 24, 3, True),
+    ((["red", "blue"], ["circle", "square"], ["right", "up"]), 2, 1, True),
+    (THREE, 32, 2, False),  # the most: 4 seen combinations, one per direction, still show every value
+    ((["red", "green"], ["circle", "square"], ["right"]), 2, 0, False),  # one direction: (colour, shape) pairs can't
+])
+def test_composition_split_holds_out_combinations_not_values(lists, hold_out, seed, pairs_kept):
+    seen, held = composition_split(*lists, hold_out=hold_out, seed=seed)
+    product = list(itertools.product(*lists))
+    assert len(held) == hold_out and len(seen) + len(held) == len(product)
+    assert not _attrs(seen) & _attrs(held) and _attrs(seen) | _attrs(held) == set(product)
+    assert [(s.color, s.shape, s.direction) for s in seen] == [c for c in product if c in _attrs(seen)]  # in order
+    for h in held:  # every value of a held-out combination is seen
+        assert any(s.color == h.color for s in seen) and any(s.shape == h.shape for s in seen)
+        assert any(s.direction == h.direction for s in seen)
+    missing = unseen_pairs(seen, held)
+    if pairs_kept:
+        assert missing == []
+    else:
+        assert missing  # where a pair cannot be kept, unseen_pairs says so
+    if len(lists[2]) == 1:  # only the (colour, shape) pairs are lost: the direction pairs stay seen
+        assert set(missing) == {(h.color, h.shape) for h in held}
+    assert composition_split(*lists, hold_out=hold_out, seed=seed) == (seen, held)  # deterministic
+
+
+def test_composition_split_seed_and_errors():
+    held = {tuple(s.name for s in composition_split(*THREE, hold_out=6, seed=k)[1]) for k in range(4)}
+    assert len(held) == 4  # the seed picks the split
+    assert composition_split(*THREE, hold_out=0) == (_product(THREE), [])
+    for bad, match in [(dict(hold_out=33), r"hold_out must be between 0 and 32 for 3 colours x 3 shapes x 4 "
+                                           r"directions \(36 combinations, of which at least 4 stay seen"),
+                       (dict(hold_out=-1), "between 0 and 32"),
+                       (dict(colors=["red", "pink"]), r"distinct colours from \['red'"),
+                       (dict(shapes=["circle", "circle"]), "distinct shapes"),
+                       (dict(directions=[]), "non-empty list of distinct directions")]:
+        kwargs = dict(colors=THREE[0], shapes=THREE[1], directions=THREE[2], hold_out=6) | bad
+        with pytest.raises(ValueError, match=match):
+            composition_split(**kwargs)
+    with pytest.raises(ValueError, match=r"unknown colour 'pink': expected one of \['red'"):
+        ClassSpec("pink", "circle", "right")
+
+
+def test_composition_sets_render_and_read(tmp_path):
+    """The seen set (labels index the seen classes) and an evaluation set of the held-out combinations, each with
+    held_out.json; the pixel attribute reader reads every held-out clip as its combination."""
+    lists = (["red", "blue"], ["circle", "square", "triangle"], ["right", "up"])
+    seen, held = composition_split(*lists, hold_out=3, seed=0)
+    train_csv = make_synthetic_dataset(tmp_path / "train", seen, 1, seed=0, frames=8, size=32, held_out=held)
+    eval_csv = make_synthetic_dataset(tmp_path / "eval", seen, 2, seed=1, frames=8, size=32, held_out=held,
+                                      only_held_out=True)
+    for path, specs, per_class in ((train_csv, seen, 1), (eval_csv, held, 2)):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["action"] for r in rows] == [s.name for s in specs for _ in range(per_class)]
+        assert [int(r["label"]) for r in rows] == [k for k in range(len(specs)) for _ in range(per_class)]
+        for r in rows:
+            s = specs[int(r["label"])]
+            assert r["caption"].startswith(f"a {s.color} {s.shape} moving {s.direction} over a ")
+    for folder, rendered in (("train", "seen"), ("eval", "held_out")):
+        raw = json.loads((tmp_path / folder / HELD_OUT_NAME).read_text())
+        assert raw["rendered"] == rendered
+        assert raw["held_out"] == [{"name": s.name, "color": s.color, "shape": s.shape, "direction": s.direction}
+                                   for s in held]
+        assert [e["name"] for e in raw["seen"]] == [s.name for s in seen] and raw["unseen_pairs"] == []
+        assert load_composition_split(tmp_path / folder) == (seen, held)
+    records = csv_records(eval_csv)
+    read = [read_attributes(read_video(r.path)) for r in records]  # through the H.264 files
+    acc = attribute_accuracy(read, [held[r.label] for r in records])
+    assert acc.all_three == 1.0 and acc.count == 6, acc
+    make_synthetic_dataset(tmp_path / "train", 1, 1, frames=2, size=16)  # a plain set: the old split is gone
+    assert not (tmp_path / "train" / HELD_OUT_NAME).exists()
+    with pytest.raises(ValueError, match=f"expected a {HELD_OUT_NAME}"):
+        load_composition_split(tmp_path / "train")
+
+
+def test_make_dataset_refuses_bad_class_lists(tmp_path):
+    seen, held = composition_split(["red"], ["circle", "square"], ["right", "up"], hold_out=1)
+    for kwargs, match in [(dict(classes=seen, held_out=[seen[0]]), "disjoint from held_out"),
+                          (dict(classes=[], held_out=held), "non-empty class list"),
+                          (dict(classes=seen + seen[:1]), "distinct ClassSpec"),
+                          (dict(classes=["RedCircleMovingRight"]), "distinct ClassSpec"),
+                          (dict(classes=seen, only_held_out=True), "needs a non-empty held_out")]:
+        with pytest.raises(ValueError, match=match):
+            make_synthetic_dataset(tmp_path, per_class=1, frames=2, size=16, **kwargs)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_composition_split(tmp_path, capsys):
+    flags = ["--per-class", "1", "--frames", "2", "--size", "16", "--colors", "red,blue", "--shapes", "circle,square",
+             "--directions", "right,up", "--hold-out", "2", "--split-seed", "4"]
+    seen, held = composition_split(["red", "blue"], ["circle", "square"], ["right", "up"], hold_out=2, seed=4)
+    main(["--output-dir", str(tmp_path / "train"), *flags])
+    main(["--output-dir", str(tmp_path / "eval"), "--seed", "1", "--only-held-out", *flags])
+    assert [r.class_name for r in csv_records(tmp_path / "train" / "synthetic.csv")] == [s.name for s in seen]
+    assert [r.class_name for r in csv_records(tmp_path / "eval" / "synthetic.csv")] == [s.name for s in held]
+    assert load_composition_split(tmp_path / "eval" / HELD_OUT_NAME) == (seen, held)
+    main(["--output-dir", str(tmp_path / "all"), "--per-class", "1", "--frames", "2", "--size", "16", "--shapes",
+          "circle", "--directions", "left"])  # lists alone: every colour, nothing held out
+    assert [r.class_name for r in csv_records(tmp_path / "all" / "synthetic.csv")] == [
+        f"{c.title()}CircleMovingLeft" for c in COLORS]
+    capsys.readouterr()
+    for bad, match in [(["--classes", "2", "--hold-out", "1"], "does not combine with"),
+                       ([], "expected --classes N, or attribute lists"),
+                       (["--colors", "red", "--hold-out", "9"], "between 0 and 8"),
+                       (["--colors", "red,pink"], "distinct colours")]:
+        with pytest.raises(SystemExit):
+            main(["--output-dir", str(tmp_path / "bad"), "--per-class", "1", *bad])
+        assert match in capsys.readouterr().err

@@ -11,7 +11,10 @@ Datasets (the options every CLI shares, ``larp_mllm.data.records.add_dataset_arg
 id,path,action,label), ``--ucf101-root`` (+ ``--ucf101-splits``, the official split files), ``--folder`` (class =
 sub-folder) or ``--caption-csv`` (path,caption). ``--mode chunks`` (default) codes every non-overlapping clip of each
 video (the chunk index is cached in ``OUTPUT_DIR/chunk_index.json``); ``--mode random`` codes one seeded random
-window per video. The clip shape is the tokenizer's (``tok.video_shape``).
+window per video. The clip shape is the tokenizer's (``tok.video_shape``). ``--flip`` also codes the horizontally
+flipped clips; ``--condition-frames K`` (5 in the LARP reference's frame-prediction protocol) also codes each clip's
+continuation condition: its first K frames with the K-th repeated to the clip length
+(``larp_mllm.data.continuation.condition_clip``), unflipped, stored as ``cond_codes``.
 
 Shards: shard ``i`` holds examples ``[i * shard_size, (i + 1) * shard_size)`` of the example list, so the set of
 shards does not depend on the number of processes. Process ``RANK`` of ``WORLD_SIZE`` (set by torchrun; no process
@@ -42,6 +45,7 @@ from tqdm import tqdm
 from larp_mllm import TOKENIZER_PRESETS, LARPTokenizer
 from larp_mllm.data.codes import CodeManifest, CodeShardWriter, ShardData, VideoEntry
 from larp_mllm.data.clips import ClipDataset, DataFaults, collate_clips
+from larp_mllm.data.continuation import condition_clip
 from larp_mllm.data.faults import FAULT_KINDS, min_items_to_judge
 from larp_mllm.data.records import add_dataset_args, dataset_source, records_from_args
 from larp_mllm.runtime.hub import is_hub_id
@@ -61,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["chunks", "random"], default="chunks")
     p.add_argument("--seed", type=int, default=0, help="seed of the random windows (--mode random)")
     p.add_argument("--flip", action="store_true", help="also store codes of the horizontally flipped clips")
+    p.add_argument("--condition-frames", type=int, default=0, metavar="K",
+                   help="also store cond_codes: codes of each clip's first K frames, the K-th repeated to the clip "
+                        "length (continuation condition; the reference uses 5); 0 = off")
     p.add_argument("--no-pad-short", action="store_true", help="skip videos shorter than a clip instead of padding")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=2048, help="examples per shard")
@@ -77,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(err))
     if args.batch_size < 1 or args.shard_size < 1:
         p.error("--batch-size and --shard-size must be >= 1")
+    if args.condition_frames < 0:
+        p.error(f"--condition-frames must be >= 0 (0 = off), got {args.condition_frames}")
     return args
 
 
@@ -105,6 +114,8 @@ def compute_run_key(tok: LARPTokenizer, ds: ClipDataset, args: argparse.Namespac
         "flip": bool(args.flip), "pad_short": ds.pad_short, "shard_size": args.shard_size, "dtype": args.dtype,
         "videos": [str(r.path) for r in ds.records], "labels": [r.label for r in ds.records], "examples": examples,
     }
+    if args.condition_frames:  # only when on: the keys of runs without condition codes stay as they were
+        payload["condition_frames"] = args.condition_frames
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -125,6 +136,7 @@ def make_manifest(tok: LARPTokenizer, ds: ClipDataset, args: argparse.Namespace,
         num_examples=len(ds), num_index_skipped=ds.num_index_skipped, class_names=ds.class_names,
         videos=[VideoEntry(str(r.path), r.label, r.class_name, r.caption) for r in ds.records],
         index_faults={k: sum(f.kind == k for f in ds.index_faults()) for k in FAULT_KINDS},
+        condition_frames=args.condition_frames,
     )
 
 
@@ -151,7 +163,10 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
             with torch.inference_mode(), autocast:
                 codes = tok.tokenize(video, deterministic=True).cpu()  # (B, N)
                 flip = tok.tokenize(video.flip(-1), deterministic=True).cpu() if args.flip else None
-            parts.append(ShardData(codes, batch.label, batch.index, batch.chunk, flip))
+                cond = None
+                if args.condition_frames:  # the continuation condition of the same clips, unflipped
+                    cond = tok.tokenize(condition_clip(video, args.condition_frames), deterministic=True).cpu()
+            parts.append(ShardData(codes, batch.label, batch.index, batch.chunk, flip, cond))
         bar.update(len(idx))
         if n + 1 == len(plan) or plan[n + 1][0] != shard:  # last batch of this shard
             n_tok = tok.num_tokens
@@ -162,6 +177,8 @@ def extract_shards(tok: LARPTokenizer, ds: ClipDataset, writer: CodeShardWriter,
                 chunk=torch.cat([p.chunk for p in parts]) if parts else torch.empty(0, dtype=torch.long),
                 flip_codes=(torch.cat([p.flip_codes for p in parts]) if parts else torch.empty(0, n_tok))
                 if args.flip else None,
+                cond_codes=(torch.cat([p.cond_codes for p in parts]) if parts else torch.empty(0, n_tok))
+                if args.condition_frames else None,
             )
             start, end = shard * args.shard_size, min((shard + 1) * args.shard_size, len(ds))
             writer.write(shard, start, end, data, sum(shard_faults.values()), shard_faults)
@@ -179,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     _, num_frames, height, width = tok.video_shape
     if height != width:
         raise ValueError(f"extraction reads square clips; the tokenizer expects {height}x{width}")
+    if args.condition_frames > num_frames:
+        raise ValueError(f"--condition-frames must be between 0 and the clip length {num_frames}, got "
+                         f"{args.condition_frames}")
     out = Path(args.output_dir)
     source, records = dataset_source(args), records_from_args(args)
     ds = ClipDataset(records, num_frames=num_frames, size=height, mode=args.mode, seed=args.seed, flip=False,

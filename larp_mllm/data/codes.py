@@ -5,12 +5,14 @@ A code folder holds
 - ``codes-00000-of-00012.safetensors`` ... one file per shard. Shard ``i`` covers the examples
   ``[i * shard_size, min((i + 1) * shard_size, num_examples))`` of the extraction's example list, so a rerun writes
   the same shards whatever the number of processes. Tensors: ``codes`` (n, N) int16 (int32 when the codebook has more
-  than 32767 codes), ``labels`` / ``video_index`` / ``chunk`` (n,) int64, and ``flip_codes`` (n, N) when the
-  horizontally flipped clips were coded too. Examples that could not be read are left out (n <= slice length). The
-  safetensors metadata holds one key, ``larp_codes``: a JSON ``ShardHeader`` (run key, shard slice, skips and their
-  kinds, codebook).
+  than 32767 codes), ``labels`` / ``video_index`` / ``chunk`` (n,) int64, ``flip_codes`` (n, N) when the
+  horizontally flipped clips were coded too, and ``cond_codes`` (n, N) when the continuation condition clips were
+  (``larp_mllm.data.continuation``: the first ``condition_frames`` frames, the last of them repeated; unflipped).
+  Examples that could not be read are left out (n <= slice length). The safetensors metadata holds one key,
+  ``larp_codes``: a JSON ``ShardHeader`` (run key, shard slice, skips and their kinds, codebook).
 - ``manifest.json``: a ``CodeManifest`` (codebook hash, tokens per video, codebook size, LARP checkpoint, extraction
-  settings, class names, one ``VideoEntry`` per video (path, label, class name, caption), one ``ShardEntry`` per shard).
+  settings (``condition_frames``: 0 = no condition codes; manifests older than it load as 0), class names, one
+  ``VideoEntry`` per video (path, label, class name, caption), one ``ShardEntry`` per shard).
 
 All files are written atomically (``larp_mllm.runtime.files.atomic_write``: a per-process temporary file, then
 ``os.replace``); a shard on disk is therefore complete. A listed shard that is missing, cut or unreadable, or holds
@@ -108,6 +110,7 @@ class CodeManifest:
     version: int = FORMAT_VERSION
     index_faults: dict[str, int] = field(default_factory=dict)  # videos left out of the chunk index, by kind
     data_faults: dict[str, int] = field(default_factory=dict)  # by kind: index_faults + the shards' (finalize)
+    condition_frames: int = 0  # frames of each clip's continuation condition coded as cond_codes; 0 = none
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -138,13 +141,15 @@ class CodeManifest:
 
 @dataclass
 class ShardData:
-    """The contents of one shard. codes / flip_codes: (n, N) integer; labels, video_index, chunk: (n,) int64."""
+    """The contents of one shard. codes / flip_codes / cond_codes: (n, N) integer; labels, video_index, chunk: (n,)
+    int64."""
 
     codes: torch.Tensor
     labels: torch.Tensor
     video_index: torch.Tensor
     chunk: torch.Tensor
     flip_codes: torch.Tensor | None = None
+    cond_codes: torch.Tensor | None = None  # codes of the continuation condition clips (unflipped)
 
 
 @dataclass
@@ -163,6 +168,8 @@ class CodeSet:
     flip_codes: torch.Tensor | None = None  # (M, N) int64 codes of the horizontally flipped clips
     video_paths: list[str] = field(default_factory=list)
     larp_checkpoint: str = ""
+    cond_codes: torch.Tensor | None = None  # (M, N) int64 codes of the condition clips (continuation), or None
+    condition_frames: int = 0  # frames kept in each condition clip; 0 when cond_codes is None
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -190,21 +197,30 @@ def read_shard(path: str | os.PathLike) -> tuple[ShardHeader, ShardData]:
         header = read_shard_header(path)
         t = load_file(str(path))
         flip = t["flip_codes"].long() if "flip_codes" in t else None
-        return header, ShardData(t["codes"].long(), t["labels"], t["video_index"], t["chunk"], flip)
+        cond = t["cond_codes"].long() if "cond_codes" in t else None
+        return header, ShardData(t["codes"].long(), t["labels"], t["video_index"], t["chunk"], flip, cond)
     except Exception as err:  # noqa: BLE001 - safetensors' errors do not name the file
         raise CodeFolderError(f"code shard {path} cannot be read ({type(err).__name__}: {err}): the code folder is "
                               f"damaged; {_REDO}") from None
 
 
 def _check_shard(path: Path, data: ShardData, manifest: "CodeManifest") -> None:
-    """CodeFolderError unless the shard's tensors fit the manifest: N tokens per row, codes in [0, K), one label,
-    video index and chunk per row, video indices within the manifest's videos."""
+    """CodeFolderError unless the shard's tensors fit the manifest: N tokens per row and codes in [0, K) (codes,
+    flip_codes, cond_codes; cond_codes present exactly when the manifest's condition_frames > 0), one label, video
+    index and chunk per row, video indices within the manifest's videos."""
     n = data.codes.shape[0]
     problems = []
-    if data.codes.ndim != 2 or data.codes.shape[1] != manifest.num_tokens:
-        problems.append(f"codes of shape {tuple(data.codes.shape)}, not (n, {manifest.num_tokens})")
-    elif n and (int(data.codes.min()) < 0 or int(data.codes.max()) >= manifest.codebook_size):
-        problems.append(f"codes outside [0, {manifest.codebook_size})")
+    if (data.cond_codes is not None) != (manifest.condition_frames > 0):
+        problems.append(f"{'no ' if data.cond_codes is None else ''}cond_codes while the manifest's condition_frames "
+                        f"is {manifest.condition_frames}")
+    for name in ("codes", "flip_codes", "cond_codes"):
+        codes = getattr(data, name)
+        if codes is None:
+            continue
+        if codes.ndim != 2 or codes.shape != (n, manifest.num_tokens):
+            problems.append(f"{name} of shape {tuple(codes.shape)}, not ({n}, {manifest.num_tokens})")
+        elif n and (int(codes.min()) < 0 or int(codes.max()) >= manifest.codebook_size):
+            problems.append(f"{name} outside [0, {manifest.codebook_size})")
     if any(t.shape[0] != n for t in (data.labels, data.video_index, data.chunk)):
         problems.append("a different number of labels / video indices / chunks than codes")
     elif n and (int(data.video_index.min()) < 0 or int(data.video_index.max()) >= len(manifest.videos)):
@@ -272,8 +288,10 @@ class CodeShardWriter:
             "video_index": data.video_index.to(torch.int64).contiguous(),
             "chunk": data.chunk.to(torch.int64).contiguous(),
         }
-        if data.flip_codes is not None:
-            tensors["flip_codes"] = data.flip_codes.to(torch.int64).reshape(-1, self.num_tokens).to(code_dtype)
+        for name in ("flip_codes", "cond_codes"):
+            codes = getattr(data, name)
+            if codes is not None:
+                tensors[name] = codes.to(torch.int64).reshape(-1, self.num_tokens).to(code_dtype)  # (n, N)
         header = ShardHeader(self.run_key, shard, self.num_shards, start, end, num_skipped, self.codebook_hash,
                              self.num_tokens, self.codebook_size, faults=dict(faults or {}))
 
@@ -317,6 +335,9 @@ def load_code_shards(directory: str | os.PathLike) -> CodeSet:
     codes = torch.cat([p.codes for p in parts]) if parts else torch.empty(0, n, dtype=torch.long)
     video_index = torch.cat([p.video_index for p in parts]) if parts else torch.empty(0, dtype=torch.long)
     has_flip = bool(parts) and all(p.flip_codes is not None for p in parts)
+    cond_codes = None
+    if manifest.condition_frames > 0:  # every shard holds them (_check_shard)
+        cond_codes = torch.cat([p.cond_codes for p in parts]) if parts else torch.empty(0, n, dtype=torch.long)
     return CodeSet(
         codes=codes,
         labels=torch.cat([p.labels for p in parts]) if parts else torch.empty(0, dtype=torch.long),
@@ -330,4 +351,6 @@ def load_code_shards(directory: str | os.PathLike) -> CodeSet:
         flip_codes=torch.cat([p.flip_codes for p in parts]) if has_flip else None,  # type: ignore[misc]
         video_paths=[v.path for v in manifest.videos],
         larp_checkpoint=manifest.larp_checkpoint,
+        cond_codes=cond_codes,  # type: ignore[arg-type]
+        condition_frames=manifest.condition_frames,
     )

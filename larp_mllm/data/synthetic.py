@@ -1,6 +1,6 @@
 """A synthetic labelled video set: coloured shapes moving in a direction over textured backgrounds.
 
-    make_synthetic_dataset("runs/synthetic", num_classes=8, per_class=20, seed=0, frames=16, size=64)
+    make_synthetic_dataset("runs/synthetic", classes=8, per_class=20, seed=0, frames=16, size=64)
     larp-make-synthetic --output-dir runs/synthetic --classes 8 --per-class 20     # the same from the shell
 
 writes ``videos/<Class>/<Class>_0000.mp4`` (H.264) and ``synthetic.csv`` with the reference columns
@@ -10,19 +10,35 @@ background". Each video draws its own start position, speed, size, colour jitter
 period, orientation, tint), so the class is learnable but not trivial. Everything is a function of ``--seed``. The
 class list is ordered so that any prefix differs in as many attributes as possible (class 0..3 already differ in
 colour, shape and direction).
+
+Composition split (does a model compose attributes it has seen, in a combination it has not?):
+
+    seen, held_out = composition_split(["red", "green", "blue"], SHAPES, DIRECTIONS, hold_out=6, seed=0)
+    make_synthetic_dataset("runs/comp/train", seen, 20, held_out=held_out)            # + held_out.json
+    make_synthetic_dataset("runs/comp/eval", seen, 4, seed=1, held_out=held_out, only_held_out=True)
+    larp-make-synthetic --output-dir runs/comp/train --per-class 20 --colors red,green,blue --hold-out 6
+    larp-make-synthetic --output-dir runs/comp/eval --per-class 4 --seed 1 --colors red,green,blue --hold-out 6 \\
+        --only-held-out
+
+Every held-out combination is new as a whole, while each of its colour, shape and direction (and, wherever the
+split can keep them, each of its attribute pairs) appears in the seen classes. ``held_out.json`` beside the CSV
+lists both sides of the split (``load_composition_split``).
 """
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from larp_mllm.runtime.files import atomic_write
+from larp_mllm.runtime.files import atomic_write, atomic_write_json
 from larp_mllm.data.video_write import write_video
 
 COLORS = {
@@ -35,6 +51,7 @@ TEXTURES = ("striped", "checkered", "dotted", "cloudy")
 BACKGROUNDS = ("textured", "plain")  # textured: one of TEXTURES per clip; plain: a tint with a soft gradient
 OBJECT_SIZES = {"small": (0.1, 0.18), "large": (0.2, 0.3)}  # shape radius range, as a fraction of the frame size
 MAX_CLASSES = len(COLORS) * len(SHAPES) * len(DIRECTIONS)
+HELD_OUT_NAME = "held_out.json"  # the composition split, beside synthetic.csv
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,12 @@ class ClassSpec:
     color: str
     shape: str
     direction: str
+
+    def __post_init__(self) -> None:
+        for value, known, what in ((self.color, COLORS, "colour"), (self.shape, SHAPES, "shape"),
+                                   (self.direction, DIRECTIONS, "direction")):
+            if value not in known:
+                raise ValueError(f"unknown {what} {value!r}: expected one of {list(known)}")
 
     @property
     def name(self) -> str:
@@ -70,6 +93,88 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
             used[a] = used.get(a, 0) + 1
         chosen.append(ClassSpec(*best))
     return chosen
+
+
+_Combo = tuple[str, str, str]  # (colour, shape, direction)
+
+
+def _pairs(combo: _Combo) -> tuple[tuple[int, str, str], ...]:
+    """The three attribute pairs of a combination, tagged 0 = (colour, shape), 1 = (colour, direction),
+    2 = (shape, direction)."""
+    c, s, d = combo
+    return (0, c, s), (1, c, d), (2, s, d)
+
+
+def _check_values(values: Sequence[str], known: Sequence[str], what: str) -> list[str]:
+    values = list(values)
+    if not values or len(set(values)) != len(values) or any(v not in known for v in values):
+        raise ValueError(f"expected a non-empty list of distinct {what} from {list(known)}, got {values}")
+    return values
+
+
+def composition_split(colors: Sequence[str], shapes: Sequence[str], directions: Sequence[str], hold_out: int,
+                      seed: int = 0) -> tuple[list[ClassSpec], list[ClassSpec]]:
+    """Split the combinations ``colors x shapes x directions`` into (seen, held_out), both in product order.
+
+    What is held out is the combination, not a value: every colour, shape and direction of a held-out combination
+    appears in a seen one (a seeded "core" of max(len) seen combinations covers every value), and each of its three
+    attribute pairs too wherever the greedy choice can keep it so: each step holds out the candidate that leaves the
+    fewest of its pairs unseen, then the one whose values and pairs are held out least so far, then the first in a
+    seeded order. Up to about half the combinations every pair stays seen; close to the maximum some cannot
+    (``unseen_pairs`` lists them). Deterministic in ``seed``. ValueError for unknown or repeated values, or
+    ``hold_out`` outside [0, N - max(len)] (N combinations).
+    """
+    lists = (_check_values(colors, list(COLORS), "colours"), _check_values(shapes, SHAPES, "shapes"),
+             _check_values(directions, list(DIRECTIONS), "directions"))
+    combos: list[_Combo] = list(itertools.product(*lists))
+    widest = max(len(v) for v in lists)
+    if not 0 <= hold_out <= len(combos) - widest:
+        raise ValueError(
+            f"hold_out must be between 0 and {len(combos) - widest} for {len(lists[0])} colours x {len(lists[1])} "
+            f"shapes x {len(lists[2])} directions ({len(combos)} combinations, of which at least {widest} stay seen "
+            f"so that every value is seen), got {hold_out}")
+    rng = np.random.default_rng(seed)
+    shuffled = [[v[i] for i in rng.permutation(len(v))] for v in lists]
+    core = {tuple(v[i % len(v)] for v in shuffled) for i in range(widest)}  # every value in one seen combination
+    candidates = [combos[i] for i in rng.permutation(len(combos)) if combos[i] not in core]
+    seen_count = Counter(p for c in combos for p in _pairs(c))  # pair -> seen combinations holding it
+    load: dict[object, int] = {}  # value or pair -> held-out combinations holding it
+    held: set[_Combo] = set()
+    for _ in range(hold_out):
+        best = min(candidates, key=lambda c: (sum(seen_count[p] <= 1 for p in _pairs(c)),
+                                              sum(load.get(v, 0) for v in c), sum(load.get(p, 0) for p in _pairs(c))))
+        candidates.remove(best)
+        held.add(best)
+        for p in _pairs(best):
+            seen_count[p] -= 1
+        for key in (*best, *_pairs(best)):
+            load[key] = load.get(key, 0) + 1
+    return [ClassSpec(*c) for c in combos if c not in held], [ClassSpec(*c) for c in combos if c in held]
+
+
+def unseen_pairs(seen: Sequence[ClassSpec], held_out: Sequence[ClassSpec]) -> list[tuple[str, str]]:
+    """The attribute pairs ((colour, shape), (colour, direction) or (shape, direction)) of held-out classes that no
+    seen class has, in order of first appearance."""
+    kept = {p for s in seen for p in _pairs((s.color, s.shape, s.direction))}
+    missing = [p for h in held_out for p in _pairs((h.color, h.shape, h.direction)) if p not in kept]
+    return [(a, b) for _, a, b in dict.fromkeys(missing)]
+
+
+def _spec_json(spec: ClassSpec) -> dict[str, str]:
+    return {"name": spec.name, "color": spec.color, "shape": spec.shape, "direction": spec.direction}
+
+
+def load_composition_split(path: str | os.PathLike) -> tuple[list[ClassSpec], list[ClassSpec]]:
+    """(seen, held_out) from a ``held_out.json`` (or the folder holding it) written by ``make_synthetic_dataset``."""
+    path = Path(path)
+    path = path / HELD_OUT_NAME if path.is_dir() else path
+    try:
+        raw = json.loads(path.read_text())
+        return [ClassSpec(s["color"], s["shape"], s["direction"]) for s in raw["seen"]], \
+            [ClassSpec(s["color"], s["shape"], s["direction"]) for s in raw["held_out"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"expected a {HELD_OUT_NAME} written by make_synthetic_dataset at {path} (lists 'seen' and "
+                         f"'held_out' of {{color, shape, direction}}): {type(err).__name__}: {err}") from None
 
 
 def _background(rng: np.random.Generator, size: int, texture: str) -> np.ndarray:
@@ -143,24 +248,45 @@ def render_clip(
 
 
 def make_synthetic_dataset(
-    out: str | os.PathLike, classes: int, per_class: int, seed: int = 0, frames: int = 16, size: int = 64,
-    fps: float = 8, background: str = "textured", object_size: str = "small",
+    out: str | os.PathLike, classes: int | Sequence[ClassSpec], per_class: int, seed: int = 0, frames: int = 16,
+    size: int = 64, fps: float = 8, background: str = "textured", object_size: str = "small", *,
+    held_out: Sequence[ClassSpec] = (), only_held_out: bool = False,
 ) -> Path:
-    """Write ``classes * per_class`` mp4 files under ``out/videos`` and ``out/synthetic.csv``; return the CSV path.
+    """Write ``len(classes) * per_class`` mp4 files under ``out/videos`` and ``out/synthetic.csv``; return the CSV path.
 
+    classes: a number (the first ``class_specs(classes)``) or an explicit class list; labels index it in order.
+    held_out: combinations held out of ``classes`` (``composition_split``); when given, ``out/held_out.json`` lists
+    both sides of the split, and ``only_held_out=True`` renders the held-out classes instead (labels then index
+    ``held_out``; use another ``seed`` than the seen set's for an evaluation set).
     ``background="plain"`` and ``object_size="large"`` make a set a tiny tokenizer learns in CPU minutes (the demo's).
     """
     if per_class < 1 or frames < 1 or size < 8:
         raise ValueError(f"need per_class >= 1, frames >= 1, size >= 8; got {per_class}, {frames}, {size}")
+    seen = class_specs(classes) if isinstance(classes, int) else list(classes)
+    held_out = list(held_out)
+    for what, specs in (("classes", seen), ("held_out", held_out)):
+        if not all(isinstance(s, ClassSpec) for s in specs) or len(set(specs)) != len(specs):
+            raise ValueError(f"expected {what} as distinct ClassSpec, got {specs}")
+    if not seen or set(seen) & set(held_out):
+        raise ValueError(f"expected a non-empty class list disjoint from held_out; classes {[s.name for s in seen]}, "
+                         f"held out {[s.name for s in held_out]}")
+    if only_held_out and not held_out:
+        raise ValueError("only_held_out=True needs a non-empty held_out list")
     out = Path(out)
     rows = []
-    for label, spec in enumerate(class_specs(classes)):
+    for label, spec in enumerate(held_out if only_held_out else seen):
         for j in range(per_class):
             rng = np.random.default_rng([seed, label, j])
             video, texture = render_clip(spec, rng, frames, size, background, object_size)
             rel = Path("videos") / spec.name / f"{spec.name}_{j:04d}.mp4"
             write_video(video, out / rel, fps=fps)
             rows.append((len(rows), rel.as_posix(), spec.name, label, spec.caption(texture)))
+    if held_out:
+        split = {"rendered": "held_out" if only_held_out else "seen", "held_out": [_spec_json(s) for s in held_out],
+                 "seen": [_spec_json(s) for s in seen], "unseen_pairs": unseen_pairs(seen, held_out)}
+        atomic_write_json(out / HELD_OUT_NAME, split)
+    else:
+        (out / HELD_OUT_NAME).unlink(missing_ok=True)  # a split of an earlier set written here no longer applies
     csv_path = out / "synthetic.csv"
 
     def write_csv(tmp: Path) -> None:
