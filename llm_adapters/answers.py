@@ -78,3 +78,40 @@ def continue_video_codes(video_llm: Any, condition_codes: torch.Tensor, temperat
     prompts = [continuation_prompt(c) for c in condition_codes]
     return generate_video_codes(video_llm, prompts, cfg_scale=1.0, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, batch_size=batch_size, fast=fast, progress=progress)
+
+
+@torch.no_grad()
+def text_perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 8,
+                    text_vocab_size: int | None = None, progress: bool = True) -> float:
+    """exp(mean next-token NLL) of `model` over plain `texts` (each cut to `max_tokens`, with the tokenizer's usual
+    special tokens), every token of every text weighted equally.
+
+    `model`: any HF causal LM, or a VideoLLM's model. `text_vocab_size`: normalise over the first rows only (give
+    ``vocab.text_vocab_size`` for an extended model: its text answers are drawn from the text rows, as
+    `generate_text` does, and its text logits are then the base model's until training moves LoRA).
+    """
+    rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError("text_perplexity needs at least one text of two or more tokens")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="text perplexity", disable=not progress):
+            chunk = rows[start:start + batch_size]
+            length = max(len(r) for r in chunk)
+            ids = torch.zeros(len(chunk), length, dtype=torch.long)  # (B, L) right-padded
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[..., :text_vocab_size].float()  # (B, L, V)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:].bool()  # (B, L - 1) real next tokens
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return float(torch.exp(torch.tensor(total / count)))

@@ -190,3 +190,29 @@ def test_a_tiny_llm_learns_continuation_and_captioning(toy_llm, one_thread):
         from llm_adapters.generate import generate_video_codes
 
         generate_video_codes(toy_llm, [continuation_prompt(test.cond_codes[0])], cfg_scale=1.5, progress=False)
+
+
+def test_text_perplexity_is_the_models_own_nll(one_thread):
+    """text_perplexity = exp(mean NLL of the next tokens) from the model's logits; extending leaves it unchanged over
+    the text rows (the video rows take probability mass from them over the full vocabulary)."""
+    from llm_adapters.answers import text_perplexity
+    from llm_adapters.model import extend_llm
+
+    model, tokenizer = tiny_llm("llama")
+    texts = ["The quick brown fox jumps over the lazy dog.", "Lists are mutable sequences.", "x = 1"]
+    want_nll, want_n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tokenizer(t)["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            want_nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            want_n += ids.shape[1] - 1
+    base = text_perplexity(model, tokenizer, texts, batch_size=2, progress=False)  # padded batches
+    assert base == pytest.approx(float(np.exp(want_nll / want_n)), rel=1e-5)
+    video_llm = extend_llm(model, tokenizer, ToyCodebook(), lora=dict(r=4, lora_alpha=8, lora_dropout=0.0))
+    text_rows = video_llm.vocab.text_vocab_size
+    extended = text_perplexity(video_llm.model, video_llm.tokenizer, texts, text_vocab_size=text_rows, progress=False)
+    assert extended == pytest.approx(base, rel=1e-5)
+    assert text_perplexity(video_llm.model, video_llm.tokenizer, texts, progress=False) > base * (1 + 1e-4)
+    with pytest.raises(ValueError, match="two or more tokens"):
+        text_perplexity(model, tokenizer, [""], progress=False)
