@@ -177,11 +177,10 @@ def prompt_rows(video_llm: Any, prompts: Sequence[Prompt], cfg: bool) -> list[li
     """Prompt ids of each prompt (None = unconditional), followed by as many unconditional rows when `cfg`."""
     encode = PromptEncoder(video_llm.tokenizer, video_llm.vocab)  # prompt texts are data: control strings stay text
     rows = [encode(p) for p in prompts]
+    if cfg and any(isinstance(x, VideoSegment) for p in prompts if not isinstance(p, str) and p for x in p):
+        raise ValueError("prompts with videos (continuation) are sampled without CFG, as the reference's frame "
+                         "prediction asserts: set cfg_scale to 1")
     if cfg:
-        if any(not isinstance(p, str) and p is not None and any(isinstance(x, VideoSegment) for x in p)
-               for p in prompts):
-            raise ValueError("prompts with videos (continuation) are sampled without CFG, as the reference's frame "
-                             "prediction asserts: set cfg_scale to 1")
         rows += [encode(None)] * len(prompts)
     return rows
 

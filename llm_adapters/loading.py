@@ -5,6 +5,7 @@
     llm = load_video_llm("runs/llm/final", device=device, dtype=dtype)  # a VideoLLM bundle or a merged checkpoint
     larp = load_larp("runs/tok/final", llm.vocab, device)               # its codebook is checked against the LLM's
     videos = decode_videos(larp, generate_video_codes(llm, ["apply eye makeup"]))  # (1, 3, T, H, W) in [0, 1]
+    codes = tokenize_videos(larp, videos)                               # (1, N) int64, deterministic VQ
 
 An LLM folder is a VideoLLM bundle (``video_llm.json``; it needs its base model: the recorded one, with its GGUF file
 name when it came from one, or the one given) or a merged checkpoint (``larp-merge-llm`` output: a plain HF model +
@@ -115,6 +116,15 @@ def decode_videos(larp: Any, codes: torch.Tensor, batch_size: int = 8) -> torch.
     device = next(larp.parameters()).device
     out = [larp.decode_codes(codes[i:i + batch_size].to(device)).float().clamp(0, 1).cpu()
            for i in range(0, len(codes), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def tokenize_videos(larp: Any, videos: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """LARP tokenize (deterministic VQ) of videos (S, 3, T, H, W) float in [0, 1] -> CPU codes (S, N) int64."""
+    device = next(larp.parameters()).device
+    out = [larp.tokenize(videos[i:i + batch_size].to(device), deterministic=True).cpu()
+           for i in range(0, len(videos), batch_size)]
     return torch.cat(out)
 
 
