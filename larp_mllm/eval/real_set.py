@@ -9,7 +9,8 @@ HammerThrow comes before Hammering, unlike the split files), every non-overlappi
 shorter than a chunk are left out, as the reference's index does), then
 ``random.Random(seed).sample(range(num_chunks), num_samples)``. Its labels, record indices (into the records as
 given) and chunk indices are kept in a JSON sidecar so that samples can be class-matched. The cache is built by one
-process while the others wait on its lock file, then read it.
+process while the others wait on its lock file, then read it. The K600 frame-prediction benchmark
+(``llm_adapters.continuation_benchmark``) draws its clips the same way (``draw_chunks(..., allow_fewer=False)``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from larp_mllm.runtime.files import atomic_write_json, build_once
 from larp_mllm.runtime.processes import loader_workers
 
 __all__ = ["RealStats", "real_stats", "load_real_stats", "select_real_chunks", "reference_sort_keys",
-           "detector_id"]
+           "chunk_dataset", "draw_chunks", "detector_id"]
 
 logger = logging.getLogger("larp.real_set")
 
@@ -100,25 +101,54 @@ def reference_sort_keys(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def select_real_chunks(paths: Sequence[str | os.PathLike], frame_counts: Sequence[int], num_frames: int,
-                       num_samples: int, seed: int = 42) -> list[tuple[int, int]]:
+                       num_samples: int, seed: int = 42, allow_fewer: bool = True) -> list[tuple[int, int]]:
     """The reference's gFVD real set (LARP ``sample.py`` with ``use_all_frames``): (video index into `paths`, chunk
     index) of each drawn chunk, in draw order.
 
     Videos are taken in path order (``reference_sort_keys``, plain string sort), each contributes its
     ``frame_counts[i] // num_frames`` non-overlapping chunks in order (none when shorter than a chunk or unreadable,
     count -1), and ``random.Random(seed).sample(range(total), min(num_samples, total))`` picks from that list.
+    When `num_samples` exceeds the chunk count: all chunks (shuffled) with a warning, or with ``allow_fewer=False``
+    a ValueError, as the reference's ``random.sample`` raises.
     """
     if len(paths) != len(frame_counts):
         raise ValueError(f"got {len(paths)} paths but {len(frame_counts)} frame counts")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     keys = reference_sort_keys(paths)
     order = sorted(range(len(paths)), key=keys.__getitem__)
     chunks = [(i, c) for i in order for c in range(max(frame_counts[i], 0) // num_frames)]
     if not chunks:
         raise ValueError("the dataset has no complete chunk")
+    if num_samples > len(chunks) and not allow_fewer:
+        raise ValueError(f"{num_samples} clips asked for, but the {len(paths)} videos have only {len(chunks)} "
+                         f"non-overlapping {num_frames}-frame chunks (the reference's random.sample refuses this "
+                         "too); ask for at most that many")
     if num_samples > len(chunks):
         logger.warning("only %d chunks available, fewer than the %d asked for: using all", len(chunks), num_samples)
     picks = random.Random(seed).sample(range(len(chunks)), min(num_samples, len(chunks)))
     return [chunks[p] for p in picks]
+
+
+def chunk_dataset(records: Sequence[VideoRecord], num_frames: int, size: int,
+                  cache_dir: str | os.PathLike) -> ClipDataset:
+    """Every complete non-overlapping chunk of `records` as a ``ClipDataset`` (clips (3, num_frames, size, size),
+    no padding: videos shorter than a chunk or unreadable are left out and listed by ``index_faults()``). The frame
+    counts are cached in `cache_dir` (built by one process, read by the others)."""
+    index_path = Path(cache_dir) / f"chunk_index_{_records_digest(records)[:16]}_{num_frames}.json"
+    return ClipDataset(records, num_frames, size, mode="chunks", pad_short=False, cache_path=index_path)
+
+
+def draw_chunks(records: Sequence[VideoRecord], num_frames: int, size: int, num_samples: int, seed: int = 42,
+                cache_dir: str | os.PathLike = "runs/fvd_cache", faults: DataFaults | None = None,
+                allow_fewer: bool = True) -> tuple[ClipDataset, list[tuple[int, int]]]:
+    """The reference's chunk draw over `records`: (``chunk_dataset``, ``select_real_chunks``'s (record index, chunk
+    index) list). The videos without a chunk are first judged by `faults` (``add_index_faults``) when given."""
+    ds = chunk_dataset(records, num_frames, size, cache_dir)
+    if faults is not None:
+        faults.add_index_faults(ds.index_faults(), len(records))  # unreadable / shorter than a chunk: left out
+    return ds, select_real_chunks([r.path for r in records], ds.chunk_index.frame_counts, num_frames, num_samples,
+                                  seed, allow_fewer)
 
 
 def real_stats(records: Sequence[VideoRecord], cache_dir: str | os.PathLike, *, num_samples: int = 10_000,
@@ -152,11 +182,8 @@ def _build_real_stats(records: list[VideoRecord], path: Path, settings: dict, i3
     """Index the chunks (a shared cache that `build_chunk_index` builds once), run I3D over the drawn ones, write
     the stats, then the sidecar."""
     num_frames, size = settings["num_frames"], settings["size"]
-    index_path = path.parent / f"chunk_index_{_records_digest(records)[:16]}_{num_frames}.json"  # built once too
-    ds = ClipDataset(records, num_frames, size, mode="chunks", pad_short=False, cache_path=index_path)
-    faults.add_index_faults(ds.index_faults(), len(records))  # unreadable / shorter than a chunk: left out
-    chosen = select_real_chunks([r.path for r in records], ds.chunk_index.frame_counts, num_frames,
-                                settings["num_samples"], settings["seed"])
+    ds, chosen = draw_chunks(records, num_frames, size, settings["num_samples"], settings["seed"], path.parent,
+                             faults)  # the chunk index cached beside the stats, built once too
     position = {entry: k for k, entry in enumerate(ds.chunk_index.entries)}  # (video, chunk) -> dataset item
     loader = DataLoader(Subset(ds, [position[c] for c in chosen]), batch_size=batch_size, collate_fn=collate_clips,
                         **loader_workers(workers))  # spawned workers, never forked
