@@ -4,12 +4,22 @@
     python bench/llm_load_memory.py --model-dir DIR      # any HF folder (with its tokenizer)
 
 Each measurement runs in a fresh interpreter (this driver never imports torch; two ranks through torch.distributed.run)
-and goes through larp-train-llm's own loading path: `load_base_model` (under ZeRO-3 transformers builds the model
-inside DeepSpeed's zero.Init, so it is partitioned as it loads), then `extend_llm` with the embedding and head gathered
-(`rows_gathered`). Figures: peak RSS (resource.getrusage: the process's high-water mark, MiB) after loading and after
-extending, per rank, and the ratio of the ZeRO-3 ranks' peak to the single process's (whose weights are counted
-resident: transformers maps the file lazily, and the first training step reads every weight). One JSON line per
-figure.
+and goes through larp-train-llm's own loading path: `load_base_model` (tokenizer, then the model; under ZeRO-3 each
+rank builds it partitioned and reads only its own part of every weight, llm_adapters.zero3_load), then `extend_llm`
+(under ZeRO-3 it reads the embedding's row statistics from each rank's part, never gathering it). One JSON line per
+figure; `peak_rss_mb` is the process's high-water mark (resource.getrusage, MiB) after each stage:
+
+- ``imports``: torch, transformers, peft, larp_mllm and llm_adapters.train imported and the TrainingArguments built
+  (the same imports in both modes); under ZeRO-3 also deepspeed, its CPU comm op and the gloo group.
+- ``load``: the tokenizer and the model. One process: transformers maps the checkpoint lazily, so few weights are
+  resident yet. ZeRO-3: the rank's partitions filled (its half of every weight, in memory).
+- ``load_resident`` (one process): every weight read once, as the first training step reads them: the checkpoint's
+  pages resident. This is the single-process figure the ZeRO-3 ranks are compared with.
+- ``extend``: `extend_llm` with the larp-tiny codebook (the tokenizer grows by the video tokens; adapter and LoRA).
+
+`held_mb` is the size of the parameters each process holds (all of them in one process, its partitions under ZeRO-3).
+The summary lines give the ZeRO-3 ranks' peak over the single process's, and the same for the growth over
+``imports``.
 """
 from __future__ import annotations
 
@@ -21,7 +31,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
+INCLUDES = {  # what the peaks compared in the summary lines hold (module docstring)
+    "load": "imports + tokenizer + weights (single: every weight read once; ZeRO-3: the rank's partitions)",
+    "extend": "the load, then extend_llm (tokenizer grown by the video tokens, adapter, LoRA)",
+}
 
 
 def build_base(folder: Path) -> None:
@@ -49,7 +62,7 @@ def worker(model_dir: str, zero3: bool, out: str) -> None:
     import torch
 
     from larp_mllm import LARPTokenizer
-    from llm_adapters.launch import held_parameters, join_deepspeed_comm, rows_gathered
+    from llm_adapters.launch import held_parameters, join_deepspeed_comm
     from llm_adapters.model import extend_llm
     from llm_adapters.train import ModelArguments, build_training_arguments, load_base_model
 
@@ -67,17 +80,18 @@ def worker(model_dir: str, zero3: bool, out: str) -> None:
     start = peak_mb()
     model, tokenizer = load_base_model(ModelArguments(base_model=model_dir))
     held, total = held_parameters(model)
+    size = next(model.parameters()).element_size()
     rows = [dict(figure="peak_rss_mb", after="imports", value=round(start, 1)),
             dict(figure="peak_rss_mb", after="load", value=round(peak_mb(), 1)),
-            dict(figure="parameters_held", after="load", value=held, of=total)]
+            dict(figure="parameters_held", after="load", value=held, of=total),
+            dict(figure="held_mb", after="load", value=round(held * size / 2**20, 1))]
     if not zero3:  # transformers maps the file lazily: a training step reads every weight, so count them resident
         for param in model.parameters():
             param.detach().sum()
         rows.append(dict(figure="peak_rss_mb", after="load_resident", value=round(peak_mb(), 1)))
     torch.manual_seed(0)
     larp = LARPTokenizer.from_preset("larp-tiny").eval()
-    with rows_gathered(model):
-        extend_llm(model, tokenizer, larp)
+    extend_llm(model, tokenizer, larp)
     rows.append(dict(figure="peak_rss_mb", after="extend", value=round(peak_mb(), 1)))
     with open(out, "a") as fh:
         for row in rows:
@@ -115,18 +129,21 @@ def main() -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:
         print(json.dumps(row))
+
     def peak(mode: str, after: tuple[str, ...]) -> float:
-        return max(r["value"] for r in rows if r["mode"] == mode and r["figure"] == "peak_rss_mb" and r["after"] in after)
+        return max(r["value"] for r in rows
+                   if r["mode"] == mode and r["figure"] == "peak_rss_mb" and r["after"] in after)
 
     base = {m: peak(m, ("imports",)) for m in ("single", "zero3_2proc")}
     for stage, single_after in (("load", ("load", "load_resident")), ("extend", ("extend",))):
         single, ranks = peak("single", single_after + ("load_resident",)), peak("zero3_2proc", (stage,))
         print(json.dumps(dict(bench="llm_load_memory", figure=f"zero3_rank_peak_over_single_{stage}",
                               value=round(ranks / single, 3), goal="< 0.6", single_peak_rss_mb=single,
-                              zero3_rank_peak_rss_mb=ranks)))
+                              zero3_rank_peak_rss_mb=ranks, includes=INCLUDES[stage])))
         print(json.dumps(dict(bench="llm_load_memory", figure=f"zero3_rank_growth_over_single_{stage}",
                               value=round((ranks - base["zero3_2proc"]) / (single - base["single"]), 3),
                               note="peak minus the RSS after imports")))
+
 
 if __name__ == "__main__":
     main()

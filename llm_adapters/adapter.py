@@ -29,19 +29,25 @@ from torch import nn
 
 from .architectures import check_extendable, embedding_row_scale
 from .vocab import CONTROL_TOKENS, VideoVocab
+from .zero3_load import is_partitioned, partitioned_row_sums
 
 NUM_CONTROL = len(CONTROL_TOKENS)
 
 
 @torch.no_grad()
-def row_stats(weight: torch.Tensor, rows: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (h,) and per-dimension std (h,) of `weight[:rows]` (rows, h), in fp32, accumulated in chunks."""
-    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, rows, chunk):
-        block = weight[start:min(rows, start + chunk)].double()  # (c, h)
-        total += block.sum(0)
-        total_sq += block.square().sum(0)
+def row_stats(weight: torch.Tensor, rows: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (h,) and per-dimension std (h,) of `weight[:rows]` (rows, h), in fp32, accumulated in float64 `chunk` rows
+    at a time. A partitioned ZeRO-3 weight is not gathered: each rank sums its part, then an all-reduce (every rank
+    calls this; `zero3_load.partitioned_row_sums`)."""
+    if is_partitioned(weight):
+        total, total_sq = partitioned_row_sums(weight, rows)
+    else:
+        total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+        total_sq = torch.zeros_like(total)
+        for start in range(0, rows, chunk):
+            block = weight[start:min(rows, start + chunk)].to(torch.float64, copy=True)  # (c, h)
+            total += block.sum(0)
+            total_sq += block.square_().sum(0)
     mean = total / rows
     var = (total_sq / rows - mean.square()).clamp_min(0)
     return mean.float(), var.sqrt().float()

@@ -12,12 +12,15 @@ anything, so a refused model (and its tokenizer) is left as it was.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .zero3_load import is_partitioned, partitioned_rows
 
 AUTO_TARGETS = "auto"  # peft's per-model default, else every linear / Conv1D layer of the decoder
 ALL_LINEAR = "all-linear"  # every linear / Conv1D layer of the decoder (never the embedding, head or video adapter)
@@ -41,6 +44,15 @@ def lora_layer_types() -> tuple[type, ...]:
 
 
 # ---- the embedding and the head ---------------------------------------------------------------------------
+def _rows_only(embedding: nn.Embedding, rows: torch.Tensor) -> nn.Embedding:
+    """A shallow copy of `embedding` (same class and attributes: a scaled embedding keeps its factor) whose weight is
+    `rows` (p, h) alone; the original is left as it is."""
+    probe = copy.copy(embedding)
+    probe._parameters = {"weight": nn.Parameter(rows, requires_grad=False)}  # its own dict: the original's is shared
+    probe.num_embeddings, probe.padding_idx = rows.shape[0], None  # the padding row is no row of `rows`
+    return probe
+
+
 @torch.no_grad()
 def embedding_row_scale(embedding: nn.Embedding, probe: int = 16) -> torch.Tensor | None:
     """The constant factor, a (1,) tensor in the weight's dtype, by which `embedding(ids)` scales `weight[ids]`, or
@@ -51,11 +63,18 @@ def embedding_row_scale(embedding: nn.Embedding, probe: int = 16) -> torch.Tenso
     fitted (least squares) on `probe` rows spread over the vocabulary and rounded to the weight's dtype, which
     recovers the module's own factor; ValueError when `weight[ids] * factor` does not reproduce `embedding(ids)`
     (the module transforms rows otherwise, e.g. normalises them, and cannot be extended).
+
+    A ZeRO-3 embedding that is partitioned is not gathered: the probed rows are read from each rank's part
+    (`zero3_load.partitioned_rows`; every rank must call this) and the module's forward runs on them alone.
     """
     weight = embedding.weight
     ids = torch.linspace(0, embedding.num_embeddings - 1, min(probe, embedding.num_embeddings),
                          device=weight.device).long()  # (p,)
-    out, rows = embedding(ids), weight[ids]  # (p, h) each
+    if is_partitioned(weight):
+        rows = partitioned_rows(weight, ids)  # (p, h)
+        out = _rows_only(embedding, rows)(torch.arange(len(ids), device=rows.device))  # (p, h)
+    else:
+        out, rows = embedding(ids), weight[ids]  # (p, h) each
     if torch.equal(out, rows):
         return None
     energy = rows.double().square().sum()

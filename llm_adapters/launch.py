@@ -10,15 +10,15 @@ Used by ``llm_adapters.train``; the launch commands are the trainer's::
   stage's settings (larp_mllm.runtime.deepspeed: ``--bf16`` / ``--fp16`` ask for DeepSpeed's bf16 / fp16 weights;
   the batch sizes and clipping stay "auto" for the HF Trainer, which fills them with the same meaning) and the
   single-process environment a launcher would otherwise set (larp_mllm.runtime.distributed).
-- `rows_gathered` / `gather_trainable`: under ZeRO-3 the base is loaded already partitioned (transformers builds it
-  inside DeepSpeed's ``zero.Init`` when a ZeRO-3 config is active, in the dtype the config asks for): no rank ever
-  holds the whole model. Only the input embedding and output head are gathered while `extend_llm` reads their rows;
-  the trainable parameters are gathered to save them whole.
+- `gather_trainable`: under ZeRO-3 the base is loaded already partitioned (llm_adapters.zero3_load, or transformers
+  building it inside DeepSpeed's ``zero.Init``): no rank ever holds the whole model, not even while `extend_llm` reads
+  the statistics of its embedding and head rows (from each rank's part). Only the trainable parameters are gathered,
+  to save them whole.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -78,25 +78,6 @@ def join_deepspeed_comm(training_args: Any) -> None:
     training_args.world_size  # noqa: B018  (the property sets the process group up)
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     deepspeed.init_distributed(dist_backend=backend)
-
-
-@contextlib.contextmanager
-def rows_gathered(model: torch.nn.Module) -> Iterator[None]:
-    """Under ZeRO-3 (a model built inside ``zero.Init``), gather the input embedding and output head whole on every
-    rank, read-only, for as long as the block runs (extend_llm reads their rows); a no-op for an ordinary model.
-
-    Parameters the block creates (the adapter's rows and MLPs, LoRA) stay ordinary tensors until the DeepSpeed engine
-    starts, which partitions them.
-    """
-    modules = (model.get_input_embeddings(), model.get_output_embeddings())
-    params = {id(m.weight): m.weight for m in modules if m is not None and hasattr(m.weight, "ds_id")}
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        yield
 
 
 def gather_trainable(model: torch.nn.Module) -> contextlib.AbstractContextManager:

@@ -287,11 +287,19 @@ def extend_llm(
 
     Before training, the logits of the original vocabulary are unchanged. Trainable: LoRA, the adapter networks and
     the control rows ("codebook"), or LoRA and the new rows ("rows"); everything else is frozen.
+
+    Under ZeRO-3 (a model built partitioned, llm_adapters.zero3_load) every rank calls this: the embedding and head
+    are never gathered whole, their row statistics come from each rank's part and an all-reduce ("codebook" only).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
     if hasattr(model, "peft_config") or isinstance(model.get_input_embeddings(), HybridEmbedding):
         raise ValueError("extend_llm expects a plain HF model (not peft-wrapped, not already extended)")
+    from .zero3_load import is_partitioned
+
+    if adapter == "rows" and is_partitioned(model.get_input_embeddings().weight):
+        raise ValueError("adapter 'rows' (a resized embedding) is not supported on a ZeRO-3 partitioned model; use "
+                         "the default adapter 'codebook'")
     check_extendable(model, adapter)  # refusals first: nothing is changed before them
     lora_config = None if lora is None else build_lora_config(model, lora, LORA_DEFAULTS)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -44,8 +44,7 @@ from larp_mllm.runtime.files import atomic_write_json
 
 from .checkpoints import ContinuedTensorBoard, SafeCheckpoints, load_checkpoint_weights, resolve_resume
 from .data import VideoCodeDataset, VideoCollator, check_code_set, pad_token_id
-from .launch import (deepspeed_training_args, gather_trainable, held_parameters, join_deepspeed_comm,
-                     rows_gathered)
+from .launch import deepspeed_training_args, gather_trainable, held_parameters, join_deepspeed_comm
 from .loading import ARGS_FILE, CLASSES_FILE
 from .loss import VIDEO_LOSSES, VideoLoss
 from .model import ADAPTERS, LORA_DEFAULTS, VideoLLM, extend_llm
@@ -349,9 +348,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     logger.info("base model loaded: this process holds %d of its %d parameters (%s)", held, total,
                 next(model.parameters()).dtype)
     set_seed(training_args.seed)  # the adapter's and LoRA's initial weights: the same on every rank and every run
-    with rows_gathered(model):
-        video_llm = extend_llm(model, tokenizer, larp, adapter=model_args.adapter, lora=lora_options(lora_args),
-                               larp_checkpoint=model_args.larp_tokenizer, gguf_file=base_model_source(model_args)[1])
+    video_llm = extend_llm(model, tokenizer, larp, adapter=model_args.adapter, lora=lora_options(lora_args),
+                           larp_checkpoint=model_args.larp_tokenizer, gguf_file=base_model_source(model_args)[1])
     del larp
     context = getattr(video_llm.model.config.get_text_config(), "max_position_embeddings", None)
     limits = [n for n in (context, data_args.max_length) if n]
